@@ -1,0 +1,17 @@
+"""ComfyUI glue: the only package of comfyui-silo that imports the host."""
+
+from __future__ import annotations
+
+from comfy_api.latest import ComfyExtension, io
+
+from .degradation import ApplyDegradation, DegradationNode
+
+NODES: list[type[io.ComfyNode]] = [
+    DegradationNode,
+    ApplyDegradation,
+]
+
+
+class SiloExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(NODES)

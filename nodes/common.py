@@ -1,0 +1,61 @@
+"""Shared glue for the nodes: custom socket types, IMAGE/MASK conversion, user-facing errors.
+
+This package (``nodes/``) is the only place that imports ComfyUI.
+"""
+
+from __future__ import annotations
+
+import torch
+from comfy_api.latest import io
+
+CATEGORY = "image/restoration/SILO"
+
+# Custom socket types carried between our nodes.
+Degradation = io.Custom("DEGRADATION")
+LatentOperator = io.Custom("LATENT_OPERATOR")
+Measurement = io.Custom("MEASUREMENT")
+Trace = io.Custom("SILO_TRACE")
+
+
+class SiloInputError(ValueError):
+    """An input a user can fix: says which node, which input, what was expected and what to do."""
+
+    def __init__(self, node: str, input_name: str, problem: str, fix: str = ""):
+        msg = f"[comfyui-silo] {node}: input '{input_name}': {problem}"
+        if fix:
+            msg += f" {fix}"
+        super().__init__(msg)
+
+
+def image_to_bchw(image: torch.Tensor, node: str, input_name: str = "image") -> torch.Tensor:
+    """ComfyUI IMAGE [B,H,W,C] in [0,1] -> [B,3,H,W] float32 (alpha dropped, grey expanded)."""
+    if not isinstance(image, torch.Tensor) or image.ndim != 4:
+        shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+        raise SiloInputError(node, input_name, f"expected an IMAGE batch [B,H,W,C], got {shape}.")
+    if image.shape[0] == 0 or image.shape[1] == 0 or image.shape[2] == 0:
+        raise SiloInputError(node, input_name, f"the image is empty (shape {tuple(image.shape)}).",
+                             "Connect a loaded or generated image.")
+    c = image.shape[-1]
+    if c == 1:
+        image = image.expand(-1, -1, -1, 3)
+    elif c == 4:
+        image = image[..., :3]
+    elif c != 3:
+        raise SiloInputError(node, input_name, f"expected 1, 3 or 4 colour channels, got {c}.")
+    return image.movedim(-1, 1).float()
+
+
+def bchw_to_image(x: torch.Tensor) -> torch.Tensor:
+    """[B,3,H,W] -> ComfyUI IMAGE [B,H,W,3] float32 clamped to [0,1], on the CPU (as the host's nodes return)."""
+    return x.detach().clamp(0, 1).movedim(1, -1).float().cpu().contiguous()
+
+
+def mask_to_b1hw(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """ComfyUI MASK [H,W] or [B,H,W] (1 = missing) -> [B,1,H,W] float32."""
+    if mask is None:
+        return None
+    if mask.ndim == 2:
+        mask = mask[None]
+    if mask.ndim == 3:
+        mask = mask[:, None]
+    return mask.float()

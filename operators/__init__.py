@@ -1,0 +1,1 @@
+# Pure-torch core: never import comfy here.

@@ -1,0 +1,1 @@
+# Pure-torch samplers: never import comfy here.

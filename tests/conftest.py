@@ -1,0 +1,91 @@
+"""Test tiers for comfyui-silo.
+
+- ``unit``   pure torch, no host: always runs.
+- ``comfy``  the real ComfyUI imported in-process (``COMFYUI_PATH``, default ``~/ComfyUI``).
+- ``server`` a real ComfyUI server process on a loopback port.
+
+Host tiers are skipped, loudly, when no host is found. Select tiers with ``-m unit`` / ``-m comfy`` /
+``-m server`` (or combinations such as ``-m "unit or comfy"``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # makes `support` importable
+
+from support import host as host_support  # noqa: E402
+
+HOST_TIERS = ("comfy", "server")
+_HOST_PROBLEM = host_support.host_problem()
+
+
+def pytest_collection_modifyitems(config, items):
+    if _HOST_PROBLEM is None:
+        return
+    skip = pytest.mark.skip(reason=f"HOST TEST SKIPPED: {_HOST_PROBLEM}")
+    for item in items:
+        if any(item.get_closest_marker(t) for t in HOST_TIERS):
+            item.add_marker(skip)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    skipped = [r for r in terminalreporter.stats.get("skipped", []) if "HOST TEST SKIPPED" in str(r.longrepr)]
+    tr = terminalreporter
+    if _HOST_PROBLEM is not None:
+        tr.write_sep("!", f"{len(skipped)} ComfyUI host tests were SKIPPED", red=True, bold=True)
+        tr.write_line(f"reason: {_HOST_PROBLEM}")
+        tr.write_line("Only the pure-torch unit tier ran. Point COMFYUI_PATH at a ComfyUI checkout to run the rest.")
+    else:
+        tr.write_sep("=", f"ComfyUI host used: {host_support.comfyui_path()}", green=True)
+
+
+@pytest.fixture(scope="session")
+def host_available():
+    if _HOST_PROBLEM is not None:
+        pytest.skip(f"HOST TEST SKIPPED: {_HOST_PROBLEM}")
+    return host_support.comfyui_path()
+
+
+@pytest.fixture(scope="session")
+def small_checkpoint(host_available) -> Path:
+    """Random-weight SD1.5 checkpoint with a small UNet (still detected as SD15); cached between runs."""
+    return host_support.ensure_checkpoint("small")
+
+
+@pytest.fixture(scope="session")
+def host_base(tmp_path_factory, small_checkpoint) -> Path:
+    base = tmp_path_factory.mktemp("comfy_base")
+    return host_support.make_base_directory(base, [small_checkpoint])
+
+
+@pytest.fixture(scope="session")
+def comfy_host(host_base):
+    """The real ComfyUI, imported once per session, with our pack loaded as the server loads it."""
+    return host_support.InProcessHost(host_base)
+
+
+@pytest.fixture(scope="session")
+def comfy_server(host_base, tmp_path_factory):
+    log = tmp_path_factory.mktemp("server_log") / "comfyui.log"
+    server = host_support.ServerHost(host_base, log)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def sd15_small(comfy_host, small_checkpoint):
+    """(MODEL, CLIP, VAE) of the small random checkpoint, loaded through the host's CheckpointLoaderSimple."""
+    model, clip, vae = comfy_host.run_node("CheckpointLoaderSimple", ckpt_name=small_checkpoint.name)[:3]
+    return model, clip, vae
+
+
+def pytest_report_header(config):
+    where = host_support.comfyui_path()
+    state = "found" if _HOST_PROBLEM is None else f"NOT USABLE ({_HOST_PROBLEM})"
+    return [f"comfyui-silo: ComfyUI host at {where}: {state}",
+            f"comfyui-silo: test model cache {os.environ.get('SILO_TEST_CACHE') or '.cache/test-models'}"]

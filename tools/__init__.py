@@ -1,0 +1,1 @@
+"""Host-side tools (CLI helpers, workflow runner)."""
