@@ -5,10 +5,13 @@ from __future__ import annotations
 from comfy_api.latest import ComfyExtension, io
 
 from .degradation import ApplyDegradation, DegradationNode
+from .operator_nodes import LatentOperatorLoader, TrainLatentOperator
 
 NODES: list[type[io.ComfyNode]] = [
     DegradationNode,
     ApplyDegradation,
+    LatentOperatorLoader,
+    TrainLatentOperator,
 ]
 
 

@@ -203,18 +203,23 @@ def augment(crop: torch.Tensor, cfg: TrainConfig, g: torch.Generator) -> torch.T
     return crop.clamp(0, 1)
 
 
-def center_crops(images: Sequence[torch.Tensor], size: int) -> torch.Tensor:
-    """Deterministic held-out crops: the largest centred square of each image, resized to ``size``."""
+def center_crops(images: Sequence[torch.Tensor], size: int, per_image: int = 1, area: float = 1.0) -> torch.Tensor:
+    """Deterministic held-out crops resized to ``size``: a centred square covering ``area`` of the shorter side's
+    square, and with ``per_image`` up to 5 also the four corner squares of that size."""
     out = []
     for im in images:
         _, h, w = im.shape
-        side = min(h, w)
-        top, left = (h - side) // 2, (w - side) // 2
-        crop = im[:, top:top + side, left:left + side][None]
-        if side != size:
-            crop = F.interpolate(crop, size=(size, size), mode="bicubic", align_corners=False,
-                                 antialias=side > size).clamp(0, 1)
-        out.append(crop[0])
+        side = max(8, int(min(h, w) * math.sqrt(area)))
+        windows = [((h - side) // 2, (w - side) // 2, side)]
+        if per_image > 1:
+            s = side
+            windows += [(0, 0, s), (0, w - s, s), (h - s, 0, s), (h - s, w - s, s)][: per_image - 1]
+        for top, left, sd in windows:
+            crop = im[:, top:top + sd, left:left + sd][None]
+            if sd != size:
+                crop = F.interpolate(crop, size=(size, size), mode="bicubic", align_corners=False,
+                                     antialias=sd > size).clamp(0, 1)
+            out.append(crop[0])
     return torch.stack(out)
 
 
@@ -238,10 +243,10 @@ def make_pairs(encode: Callable[[torch.Tensor], torch.Tensor], degradation: Degr
     """(E(x), E(lift(A(x)+n)), latent mask) for a batch of clean crops ``x``; latents clamped to [−4, 4]."""
     with torch.no_grad():
         y = degradation(x)
-        noise = torch.randn(y.shape, generator=g, dtype=y.dtype) * sigma.view(-1, 1, 1, 1).to(y.dtype)
+        noise = torch.randn(y.shape, generator=g, dtype=y.dtype).to(y.device) * sigma.view(-1, 1, 1, 1).to(y)
         y = (y + noise).clamp(0, 1)
         lifted = degradation.lift(y, size=tuple(x.shape[-2:]))
-        both = encode(torch.cat([x, lifted])).float().clamp(-LATENT_CLAMP, LATENT_CLAMP)
+        both = encode(torch.cat([x, lifted])).to(x.device).float().clamp(-LATENT_CLAMP, LATENT_CLAMP)
         z_in, target = both[: x.shape[0]], both[x.shape[0]:]
         pm = degradation.pixel_mask(x.shape, device=x.device)
         mask = None if pm is None else mask_to_latent(pm, z_in.shape[-2:])
@@ -266,11 +271,12 @@ def evaluate(operator, degradation: Degradation, heldout: dict) -> dict:
 
 
 def prepare_heldout(encode, degradation: Degradation, images: Sequence[torch.Tensor], size: int, sigma: float,
-                    seed: int) -> dict:
-    x = center_crops(images, size)
+                    seed: int, area: float = 1.0) -> dict:
+    """Held-out pairs from 5 fixed crops per image, at the mean scale of the training crops."""
+    x = center_crops(images, size, per_image=5, area=area)
     g = torch.Generator().manual_seed(seed + 7919)
-    deg = _training_degradation(degradation, x.shape[0], size, g)
-    sig = torch.full((x.shape[0],), float(sigma))
+    deg = _training_degradation(degradation, x.shape[0], size, g).to(x.device)
+    sig = torch.full((x.shape[0],), float(sigma), device=x.device)
     z, target, mask = make_pairs(encode, deg, x, sig, g)
     return {"z": z, "target": target, "sigma": sig, "mask": mask, "degradation": deg}
 
@@ -373,7 +379,10 @@ def train_operator(
         opt.load_state_dict(resume.optimizer)
         start, curve = resume.step, list(resume.curve)
 
-    heldout = prepare_heldout(encode, degradation, held, cfg.crop_size, cfg.heldout_sigma, cfg.seed) if held else None
+    heldout = None
+    if held:
+        heldout = prepare_heldout(encode, degradation.to(device), [im.to(device) for im in held], cfg.crop_size,
+                                  cfg.heldout_sigma, cfg.seed, area=sum(cfg.crop_scale) / 2)
 
     def snapshot(step: int) -> TrainState:
         return TrainState(step=step, operator={k: v.detach().clone() for k, v in operator.state_dict().items()},
@@ -397,7 +406,7 @@ def train_operator(
             sigma = torch.tensor([_uniform(g, *cfg.sigma_range) for _ in range(n)], device=device)
         else:
             sigma = torch.full((n,), _uniform(g, *cfg.sigma_range), device=device)
-        deg = _training_degradation(degradation, n, cfg.crop_size, g)
+        deg = _training_degradation(degradation, n, cfg.crop_size, g).to(device)
         return (*make_pairs(encode, deg, x, sigma, g), sigma)
 
     pool = None

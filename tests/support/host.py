@@ -122,7 +122,7 @@ class InProcessHost:
             if hasattr(cls, "PREPARE_CLASS_CLONE"):  # V3 node
                 clone = cls.PREPARE_CLASS_CLONE({})
                 out = clone.EXECUTE_NORMALIZED(**inputs)
-                self.last_ui = out.ui
+                self.last_ui = out.ui.as_dict() if hasattr(out.ui, "as_dict") else out.ui
                 return tuple(out.args)
             obj = cls()
             out = getattr(obj, cls.FUNCTION)(**inputs)

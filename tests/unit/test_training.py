@@ -17,8 +17,9 @@ pytestmark = pytest.mark.unit
 def photos(n_max: int = 8) -> list[torch.Tensor]:
     """Real photographs bundled with scikit-image, as [3,H,W] in [0,1]."""
     out = []
-    for name in ("astronaut", "coffee", "chelsea", "rocket", "motorcycle_left", "immunohistochemistry", "retina",
-                 "hubble_deep_field"):
+    # natural photos last: tests hold out the last images
+    for name in ("immunohistochemistry", "retina", "hubble_deep_field", "rocket", "motorcycle_left", "astronaut",
+                 "coffee", "chelsea"):
         try:
             im = getattr(skdata, name)()
         except Exception:  # optional data files may be missing
