@@ -6,12 +6,16 @@ from comfy_api.latest import ComfyExtension, io
 
 from .degradation import ApplyDegradation, DegradationNode
 from .operator_nodes import LatentOperatorLoader, TrainLatentOperator
+from .sampling import EncodeMeasurement, SiloKSampler, SiloSampler
 
 NODES: list[type[io.ComfyNode]] = [
     DegradationNode,
     ApplyDegradation,
     LatentOperatorLoader,
     TrainLatentOperator,
+    EncodeMeasurement,
+    SiloKSampler,
+    SiloSampler,
 ]
 
 
