@@ -123,6 +123,69 @@ def cmd_import_reference(args) -> int:
     return 0
 
 
+def _accelerator_available() -> bool:
+    if torch.cuda.is_available():
+        return True
+    xpu = getattr(torch, "xpu", None)
+    if xpu is not None and xpu.is_available():
+        return True
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
+
+
+def cmd_run(args) -> int:
+    import copy
+
+    from .runner import ComfyRunner, RunnerError
+    from .workflow import WorkflowError, apply_overrides, is_api_format, parse_assignments, ui_to_api
+
+    def fail(message: str, details: str = "") -> int:
+        print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+        if details and args.verbose:
+            print(details, file=sys.stderr)
+        return 1
+
+    path = Path(args.workflow).expanduser()
+    try:
+        workflow = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        return fail(f"cannot read {path}: {e.strerror or e}")
+    except ValueError as e:
+        return fail(f"{path} is not JSON: {e}")
+    try:
+        images = parse_assignments(args.image, "image")
+        sets = parse_assignments(args.sets, "set")
+    except WorkflowError as e:
+        return fail(str(e))
+    for node, file in images.items():
+        if not Path(file).expanduser().is_file():
+            return fail(f"--image {node}={file}: no such file")
+    cpu = args.cpu or not _accelerator_available()
+    try:
+        with ComfyRunner(args.comfyui, base_directory=args.base_directory, port=args.port, cpu=cpu,
+                         extra_model_paths=args.extra_model_paths, log_path=args.log) as runner:
+            info = runner.object_info()
+            api = workflow if is_api_format(workflow) else ui_to_api(workflow, info)
+            # check the node references before uploading anything
+            apply_overrides(copy.deepcopy(api), {node: Path(file).name for node, file in images.items()}, sets,
+                            object_info=info)
+            uploaded = {node: runner.upload_image(file) for node, file in images.items()}
+            apply_overrides(api, uploaded, sets, object_info=info)
+            if args.save_api:
+                Path(args.save_api).write_text(json.dumps(api, indent=2))
+            entry = runner.run(api, timeout=args.timeout)
+            files = runner.download_outputs(entry, args.out)
+            for warning in runner.warnings:
+                print(f"warning: {warning}", file=sys.stderr)
+    except (WorkflowError, RunnerError) as e:
+        return fail(str(e), getattr(e, "details", ""))
+    except KeyboardInterrupt:
+        return fail("interrupted")
+    for f in files:
+        print(f)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m comfyui_silo", description="comfyui-silo command line")
     sub = p.add_subparsers(dest="command", required=True)
@@ -156,6 +219,27 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--degradation", required=True, help="what the operator was trained for (preset or JSON)")
     r.add_argument("--latent-format", default=None, help="JSON latent format (default SD1.5)")
     r.set_defaults(func=cmd_import_reference)
+
+    w = sub.add_parser("run", help="run a workflow (UI or API format .json) on a headless ComfyUI server and save "
+                                   "its outputs")
+    w.add_argument("workflow", help="workflow .json as saved by ComfyUI (UI format) or exported in API format")
+    w.add_argument("--comfyui", default=default_comfyui_path(), help="ComfyUI checkout (default $COMFYUI_PATH)")
+    w.add_argument("--image", action="append", default=[], metavar="NODE=FILE",
+                   help="upload FILE and load it in the LoadImage node NODE (id, title or class); repeatable")
+    w.add_argument("--set", action="append", default=[], dest="sets", metavar="NODE.INPUT=VALUE",
+                   help="set an input, e.g. 3.steps=10 or KSampler.seed=7 (VALUE parsed as JSON if it can be); "
+                        "repeatable")
+    w.add_argument("--out", required=True, help="folder for the output files and outputs.json")
+    w.add_argument("--cpu", action="store_true", help="run on the CPU (default when no GPU is found)")
+    w.add_argument("--port", type=int, default=None, help="server port (default: a free one)")
+    w.add_argument("--base-directory", default=None,
+                   help="ComfyUI base directory (models, custom_nodes, input, output); default: the checkout")
+    w.add_argument("--extra-model-paths", default=None, metavar="YAML", help="an extra_model_paths.yaml to load")
+    w.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the workflow (default 3600)")
+    w.add_argument("--log", default=None, help="keep the server log in this file")
+    w.add_argument("--save-api", default=None, metavar="FILE", help="also write the API-format prompt that ran")
+    w.add_argument("-v", "--verbose", action="store_true", help="print server log tails and tracebacks on errors")
+    w.set_defaults(func=cmd_run)
     return p
 
 
