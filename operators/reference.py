@@ -4,7 +4,7 @@ Facts established by reading the public repository ``ronraphaeli/SILO`` (commit 
 ``silo_sample.py``, ``training/silo_cnn_train.py``, ``scripts/cnn_ffhq_sr_8.sh``); the code below is our own:
 
 * The published CNN operators are built as ``DegradationModel(4, layer_norm=True, sigma_condition=True)`` and loaded
-  with ``load_state_dict(torch.load(path), strict=True)``, so their key names are exactly those of that module.
+  with a strict ``load_state_dict`` of the unpickled file, so their key names are exactly those of that module.
   ``sigma_condition`` is a bool used as an int (+1 channel). State-dict keys (``nn.Sequential`` indices; the ReLU /
   LeakyReLU entries hold no parameters)::
 
