@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.common import emit
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -98,11 +100,7 @@ def main(argv=None) -> int:
     ]
     lines += [f"| {c['step']} | {c['train_loss']:.4f} | {c['heldout_l1']:.4f} | {c['identity_l1']:.4f} | "
               f"{c['naive_l1']:.4f} |" for c in res.report["curve"]]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.markdown:
-        with open(args.markdown, "a") as f:
-            f.write("\n" + text)
+    emit(lines, args.markdown)
     return 0
 
 

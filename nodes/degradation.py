@@ -66,7 +66,7 @@ class DegradationNode(io.ComfyNode):
                               tooltip="mask_inpaint: the missing region (white = missing), e.g. drawn in the "
                                       "mask editor of Load Image."),
             ],
-            outputs=[Degradation.Output("DEGRADATION", tooltip="The degradation, for Encode Measurement, "
+            outputs=[Degradation.Output("DEGRADATION", display_name="DEGRADATION", tooltip="The degradation, for Encode Measurement, "
                                                                  "Apply Degradation and Train Latent Operator.")],
         )
 
@@ -105,9 +105,9 @@ class ApplyDegradation(io.ComfyNode):
                              tooltip="Seed of the measurement noise."),
             ],
             outputs=[
-                io.Image.Output("measurement", tooltip="The degraded image in its natural size (small for "
+                io.Image.Output("measurement", display_name="measurement", tooltip="The degraded image in its natural size (small for "
                                                         "super-resolution), noise added, clamped to 0-1."),
-                io.Image.Output("upsampled", tooltip="The measurement brought to the original size (bicubic for "
+                io.Image.Output("upsampled", display_name="upsampled", tooltip="The measurement brought to the original size (bicubic for "
                                                       "super-resolution, unchanged otherwise) for side-by-side views."),
             ],
         )

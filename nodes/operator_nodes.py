@@ -9,7 +9,7 @@ import folder_paths
 import torch
 from comfy_api.latest import io, ui
 
-from ..operators.degradations import build_degradation
+from ..operators.degradations import describe_spec
 from ..operators.io import load_operator, read_operator_metadata, save_operator
 from ..operators.training import format_report, train_operator
 from .bridge import interrupt_check, latent_format_info, make_encoder
@@ -39,7 +39,7 @@ def describe_operator(meta: dict) -> str:
     deg = meta.get("degradation", {})
     lf = meta.get("latent_format", {})
     tr = meta.get("training") or {}
-    lines = [f"degradation: {build_degradation(deg).name if deg else 'unknown'}",
+    lines = [f"degradation: {describe_spec(deg) if deg else 'unknown'}",
              f"latent format: {lf.get('name', '?')} ({lf.get('latent_channels', '?')} channels, "
              f"scale {lf.get('scale_factor', '?')})",
              f"architecture: {meta.get('architecture', {}).get('class', '?')}"]
@@ -67,7 +67,7 @@ class LatentOperatorLoader(io.ComfyNode):
                                tooltip="Operator file in ComfyUI/models/latent_operators (train one with the Train "
                                        "Latent Operator node or `python -m comfyui_silo train-operator`)."),
             ],
-            outputs=[LatentOperator.Output("OPERATOR", tooltip="The operator, for SILO KSampler / SILO Sampler.")],
+            outputs=[LatentOperator.Output("OPERATOR", display_name="OPERATOR", tooltip="The operator, for SILO KSampler / SILO Sampler.")],
         )
 
     @classmethod
@@ -148,8 +148,8 @@ class TrainLatentOperator(io.ComfyNode):
                                         "existing file is never overwritten)."),
             ],
             outputs=[
-                LatentOperator.Output("OPERATOR", tooltip="The trained operator, ready for SILO KSampler."),
-                io.String.Output("report", tooltip="Held-out error of the operator vs. identity and "
+                LatentOperator.Output("OPERATOR", display_name="OPERATOR", tooltip="The trained operator, ready for SILO KSampler."),
+                io.String.Output("report", display_name="report", tooltip="Held-out error of the operator vs. identity and "
                                                    "degradation-on-the-latent baselines."),
             ],
         )

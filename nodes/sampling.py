@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass
 
 import torch
 from comfy_api.latest import io, ui
 
+from ..operators.degradations import spec_mismatch
 from ..operators.io import latent_format_compatible
 from ..samplers.silo import sample_silo
-from .bridge import latent_format_info, process_in
+from .bridge import interrupt_check, latent_format_info, process_in
 from .common import CATEGORY, Degradation, LatentOperator, Measurement, SiloInputError, Trace, image_to_bchw
 
 LATENT_CLAMP = 4.0
@@ -46,7 +48,10 @@ class EncodeMeasurement(io.ComfyNode):
                                tooltip="Estimated noise std of the photo on the 0-1 scale (paper: 0.01); the operator "
                                        "is conditioned on it."),
             ],
-            outputs=[Measurement.Output("MEASUREMENT", tooltip="The encoded measurement, for the SILO samplers.")],
+            outputs=[Measurement.Output("MEASUREMENT", display_name="MEASUREMENT", tooltip="The encoded measurement, for the SILO samplers."),
+                     io.Latent.Output("latent_image", display_name="latent_image", tooltip="The encoded (for super-resolution: upscaled) photo as a "
+                                      "LATENT of the output size: SILO KSampler's latent_image (at denoise 1 only "
+                                      "its size matters; lower denoise starts from the photo).")],
         )
 
     @classmethod
@@ -67,8 +72,9 @@ class EncodeMeasurement(io.ComfyNode):
             raise SiloInputError(node, "degradation", f"the mask has batch {mask.shape[0]} but the image batch is "
                                  f"{y.shape[0]}.", "Use one mask, or one per image.")
         latent = vae.encode(lifted.movedim(1, -1))
-        return io.NodeOutput(EncodedMeasurement(latent=latent, pixels=y, lifted=lifted, degradation=degradation,
-                                                noise_sigma=float(noise_sigma), pixel_mask=mask))
+        meas = EncodedMeasurement(latent=latent, pixels=y, lifted=lifted, degradation=degradation,
+                                  noise_sigma=float(noise_sigma), pixel_mask=mask)
+        return io.NodeOutput(meas, {"samples": latent})
 
 
 # ------------------------------------------------------------------------------------------- gradients
@@ -118,7 +124,8 @@ def silo_sampler_function(model, x, sigmas, extra_args=None, callback=None, disa
     meas: EncodedMeasurement = options.pop("measurement")
     op = options.pop("operator")
     model_patcher = options.pop("model_patcher")
-    options.setdefault("trace", [])
+    trace = options.setdefault("trace", [])
+    trace.clear()  # a SAMPLER reused by SamplerCustom records its latest run only
     dev, dtype = x.device, x.dtype
     with torch.inference_mode(False):
         w = process_in(model_patcher, meas.latent.to(dev, torch.float32)).clamp(-LATENT_CLAMP, LATENT_CLAMP).clone()
@@ -131,6 +138,9 @@ def silo_sampler_function(model, x, sigmas, extra_args=None, callback=None, disa
             raise SiloInputError("SILO KSampler", "measurement", f"batch {w.shape[0]} does not match the latent "
                                  f"batch {x.shape[0]}.", "Use one measurement per latent, or a single one.")
         module = op.module.to(dev)
+        # operators loaded by a node come out of inference mode (the executor runs nodes under it): autograd must be
+        # able to save their weights, in both gradient modes
+        make_weights_differentiable(module)
         mask = None if meas.pixel_mask is None else meas.pixel_mask.to(dev).clone()
 
         def operator(z0, sigma_y=meas.noise_sigma, mask=mask):
@@ -140,22 +150,47 @@ def silo_sampler_function(model, x, sigmas, extra_args=None, callback=None, disa
             unet = _diffusion_model(model)
             if unet is not None:
                 make_weights_differentiable(unet)
-    return sample_silo(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable,
-                       measurement=w.to(dtype), operator=operator, **options).to(dtype)
+    def step_callback(info):
+        interrupt_check()  # Cancel stops at the next step, also in SamplerCustom without previews
+        if callback is not None:
+            callback(info)
+
+    try:
+        return sample_silo(model, x, sigmas, extra_args=extra_args, callback=step_callback, disable=disable,
+                           measurement=w.to(dtype), operator=operator, **options).to(dtype)
+    except torch.OutOfMemoryError as e:
+        raise SiloOutOfMemoryError(
+            f"SILO sampling ran out of memory at {x.shape[-1] * 8}x{x.shape[-2] * 8} px, batch {x.shape[0]}, "
+            f"gradient '{options.get('gradient', 'unet')}'. Try gradient 'x0' (no backward pass through the UNet: "
+            "about the memory of plain sampling), a smaller image or batch, or start ComfyUI with --lowvram. "
+            f"({str(e).splitlines()[0] if str(e) else 'out of memory'})") from None
 
 
-def check_operator(model, op) -> None:
+class SiloOutOfMemoryError(torch.OutOfMemoryError):
+    """Out-of-memory with advice; still an OutOfMemoryError, so ComfyUI's executor unloads models as usual."""
+
+
+def check_operator(model, op, measurement=None) -> None:
     ok, why = latent_format_compatible(op.latent_format, latent_format_info(model))
     if not ok:
         raise SiloInputError("SILO KSampler", "operator", f"this operator was trained for another latent space: {why}.",
                              "Use an operator trained for this checkpoint's model family, or train one with the "
                              "Train Latent Operator node.")
+    if measurement is None:
+        return
+    mismatch = spec_mismatch(op.degradation, measurement.degradation.spec)
+    if mismatch and mismatch[0] == "error":
+        raise SiloInputError("SILO KSampler", "operator", mismatch[1] + ".",
+                             "Load an operator trained for the same degradation as the Degradation node of Encode "
+                             "Measurement (or train one with Train Latent Operator).")
+    if mismatch:
+        logging.warning("SILO KSampler: %s; results may be off.", mismatch[1])
 
 
 def build_silo_sampler(model, measurement, operator, eta, update, gradient, grad_clamp, early_stop):
     import comfy.samplers
 
-    check_operator(model, operator)
+    check_operator(model, operator, measurement)
     trace: list = []
     opts = {"measurement": measurement, "operator": operator, "model_patcher": model, "eta": float(eta),
             "update": update, "gradient": gradient, "grad_clamp": None if grad_clamp <= 0 else float(grad_clamp),
@@ -228,8 +263,8 @@ class SiloKSampler(io.ComfyNode):
                 io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01, tooltip="1.0 starts from noise."),
                 *SILO_INPUTS,
             ],
-            outputs=[io.Latent.Output("LATENT", tooltip="The restored latent (VAE Decode it)."),
-                     Trace.Output("trace", tooltip="Per-step consistency loss record.")],
+            outputs=[io.Latent.Output("LATENT", display_name="LATENT", tooltip="The restored latent (VAE Decode it)."),
+                     Trace.Output("trace", display_name="trace", tooltip="Per-step consistency loss record.")],
         )
 
     @classmethod
@@ -276,7 +311,7 @@ class SiloSampler(io.ComfyNode):
                          "scheduler's SIGMAS, guider and noise). Attention is forced to PyTorch SDPA only in SILO "
                          "KSampler; with SamplerCustom use gradient 'x0' if your attention backend lacks backward."),
             inputs=[io.Model.Input("model", tooltip="The checkpoint's MODEL (for its latent format)."), *SILO_INPUTS],
-            outputs=[io.Sampler.Output("SAMPLER", tooltip="For SamplerCustom / SamplerCustomAdvanced.")],
+            outputs=[io.Sampler.Output("SAMPLER", display_name="SAMPLER", tooltip="For SamplerCustom / SamplerCustomAdvanced.")],
         )
 
     @classmethod

@@ -10,6 +10,8 @@ from .degradations import (
     Degradation,
     add_noise,
     build_degradation,
+    describe_spec,
+    spec_mismatch,
 )
 from .io import (
     ARCHITECTURES,
@@ -28,7 +30,7 @@ from .training import TrainConfig, TrainResult, TrainState, format_report, train
 __all__ = [
     "ARCHITECTURES", "DEFAULT_MEASUREMENT_NOISE", "DEGRADATION_TYPES", "FORMAT", "FORMAT_VERSION",
     "STANDARD_DEGRADATIONS", "Degradation", "LatentOperator", "LoadedOperator", "SiloReferenceCNN", "TrainConfig",
-    "TrainResult", "TrainState", "add_noise", "build_degradation", "count_parameters", "format_report",
+    "TrainResult", "TrainState", "add_noise", "build_degradation", "count_parameters", "describe_spec", "format_report",
     "import_reference_operator", "latent_format_compatible", "load_operator", "mask_to_latent",
-    "read_operator_metadata", "save_operator", "train_operator",
+    "read_operator_metadata", "save_operator", "spec_mismatch", "train_operator",
 ]

@@ -702,3 +702,40 @@ def add_noise(y: torch.Tensor, sigma: float, seed: int | None = None,
     else:
         noise = torch.randn(y.shape, dtype=noise_dtype, device=y.device).to(y.dtype)
     return y + float(sigma) * noise
+
+
+def describe_spec(spec: Mapping[str, Any] | str) -> str:
+    """A readable name for a spec, without building it (so a ``mask_inpaint`` spec needs no mask)."""
+    if isinstance(spec, str):
+        spec = json.loads(spec)
+    if spec.get("type") == "mask_inpaint":
+        return "Mask inpainting (mask given with the measurement)"
+    try:
+        return build_degradation(spec).name
+    except ValueError:
+        return str(spec.get("type", "unknown"))
+
+
+INPAINT_TYPES = frozenset({"box_inpaint", "random_box_inpaint", "mask_inpaint"})
+
+
+def spec_mismatch(operator_spec: Mapping[str, Any], measurement_spec: Mapping[str, Any]) -> tuple[str, str] | None:
+    """Does an operator trained for ``operator_spec`` emulate the degradation of a measurement?
+
+    Returns None when it does, ``("error", why)`` when the kind differs (a blur operator cannot explain a
+    low-resolution photo), ``("warning", why)`` when only parameters differ (σ=3 operator, σ=2 photo). An operator
+    trained for ``mask_inpaint`` takes the mask as input and so fits every inpainting measurement.
+    """
+    a, b = dict(operator_spec), dict(measurement_spec)
+    if a.get("type") == "mask_inpaint" and b.get("type") in INPAINT_TYPES:
+        return None
+    if a.get("type") != b.get("type"):
+        return ("error", f"the operator emulates {describe_spec(a)} but the measurement was made with "
+                         f"{describe_spec(b)}")
+    if b.get("type") == "mask_inpaint":
+        return None
+    diff = sorted(k for k in set(a) | set(b) if k != "type" and a.get(k) != b.get(k))
+    if diff:
+        return ("warning", f"the operator was trained for {json.dumps(a)} but the measurement uses "
+                           f"{json.dumps(b)} (different {', '.join(diff)})")
+    return None

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import gc
+
 import pytest
 import torch
 
@@ -10,14 +13,20 @@ pytestmark = pytest.mark.comfy
 SD15 = {"name": "SD15", "latent_channels": 4, "scale_factor": 0.18215, "shift_factor": 0.0, "downscale": 8}
 
 
-def _operator(tmp_path, latent_format):
-    from comfyui_silo.operators.io import load_operator, save_operator
+def _operator(comfy_host, latent_format):
+    """An (untrained) operator file in the host's models/latent_operators, loaded through the loader node, i.e.
+    under inference mode as the executor runs it."""
+    from comfyui_silo.operators.io import save_operator
     from comfyui_silo.operators.network import LatentOperator
 
-    path = tmp_path / f"op_{latent_format['name']}.safetensors"
-    save_operator(path, LatentOperator(width=16), degradation={"type": "gaussian_blur", "kernel_size": 9,
-                                                                 "sigma": 2.0}, latent_format=latent_format)
-    return load_operator(path)
+    name = f"test_op_{latent_format['name']}.safetensors"
+    path = comfy_host.base / "models" / "latent_operators" / name
+    if not path.exists():
+        save_operator(path, LatentOperator(width=16), degradation={"type": "gaussian_blur", "kernel_size": 9,
+                                                                     "sigma": 2.0}, latent_format=latent_format)
+    (op,) = comfy_host.run_node("SILOLatentOperatorLoader", operator_name=name)
+    assert all(p.is_inference() for p in op.module.parameters()), "loaded as the executor loads it"
+    return op
 
 
 def _run(comfy_host, model, cond, latent, meas, op, **kw):
@@ -35,9 +44,10 @@ def test_silo_ksampler_pulls_towards_the_measurement_in_both_modes(comfy_host, s
                                  sr_factor=4, box_top=0, box_left=0, box_height=8, box_width=8, random_box_size=16,
                                  random_box_seed=0, jpeg_quality=10)
     photo = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(0))
-    (meas,) = comfy_host.run_node("SILOEncodeMeasurement", image=photo, vae=vae, degradation=deg, noise_sigma=0.01)
-    (latent,) = comfy_host.run_node("EmptyLatentImage", width=64, height=64, batch_size=1)
-    op = _operator(tmp_path, SD15)
+    meas, latent = comfy_host.run_node("SILOEncodeMeasurement", image=photo, vae=vae, degradation=deg,
+                                       noise_sigma=0.01)
+    assert torch.equal(latent["samples"], meas.latent) and latent["samples"].shape == (1, 4, 8, 8)
+    op = _operator(comfy_host, SD15)
     unet = model.model.diffusion_model
     n_params = len(list(unet.parameters()))
     w = (meas.latent * 0.18215).clamp(-4, 4)
@@ -59,9 +69,19 @@ def test_silo_ksampler_pulls_towards_the_measurement_in_both_modes(comfy_host, s
 def test_operator_for_another_latent_format_is_refused(comfy_host, sd15_small, tmp_path):
     model, clip, vae = sd15_small
     sdxl = dict(SD15, name="SDXL", scale_factor=0.13025)
-    op = _operator(tmp_path, sdxl)
+    op = _operator(comfy_host, sdxl)
     with pytest.raises(ValueError, match="operator.*another latent space.*scale"):
         _run(comfy_host, model, None, {"samples": torch.zeros(1, 4, 8, 8)}, None, op)
+
+
+def test_operator_for_another_degradation_is_refused(comfy_host, sd15_small):
+    model, clip, vae = sd15_small
+    (deg,) = comfy_host.run_node("SILODegradation", **_deg_widgets(type="super_resolution", sr_factor=4))
+    meas, latent = comfy_host.run_node("SILOEncodeMeasurement", image=torch.rand(1, 16, 16, 3), vae=vae,
+                                       degradation=deg, noise_sigma=0.01)
+    op = _operator(comfy_host, SD15)  # trained for Gaussian blur
+    with pytest.raises(ValueError, match=r"SILO KSampler.*'operator'.*Gaussian blur.*Super-resolution ×4"):
+        _run(comfy_host, model, None, latent, meas, op)
 
 
 def test_encode_measurement_explains_bad_sizes(comfy_host, sd15_small):
@@ -75,3 +95,92 @@ def test_encode_measurement_explains_bad_sizes(comfy_host, sd15_small):
     with pytest.raises(ValueError, match="empty"):
         comfy_host.run_node("SILOEncodeMeasurement", image=torch.rand(0, 64, 64, 3), vae=vae, degradation=deg,
                             noise_sigma=0.01)
+
+
+def test_super_resolution_measurement_gives_a_full_size_latent(comfy_host, sd15_small):
+    _model, _clip, vae = sd15_small
+    (deg,) = comfy_host.run_node("SILODegradation", **_deg_widgets(type="super_resolution", sr_factor=4))
+    meas, latent = comfy_host.run_node("SILOEncodeMeasurement", image=torch.rand(1, 16, 24, 3), vae=vae,
+                                       degradation=deg, noise_sigma=0.01)
+    assert meas.pixels.shape == (1, 3, 16, 24) and meas.lifted.shape == (1, 3, 64, 96)
+    assert latent["samples"].shape == (1, 4, 8, 12)
+
+
+def _deg_widgets(**kw):
+    args = dict(type="gaussian_blur", blur_kernel_size=9, blur_sigma=2.0, sr_factor=4, box_top=0, box_left=0,
+                box_height=8, box_width=8, random_box_size=16, random_box_seed=0, jpeg_quality=10)
+    args.update(kw)
+    return args
+
+
+class _Sabotage(torch.nn.Module):
+    """Wraps an operator module; at its n-th call it presses Cancel or raises, as a user or a failure would."""
+
+    def __init__(self, inner, at_call, action):
+        super().__init__()
+        self.inner, self.at_call, self.action, self.calls = inner, at_call, action, 0
+
+    def forward(self, z, sigma_y=None, mask=None):
+        self.calls += 1
+        if self.calls == self.at_call:
+            self.action()
+        return self.inner(z, sigma_y=sigma_y, mask=mask)
+
+
+def _live_tensors():
+    """(bytes of distinct live tensor storages, tensors that carry autograd state) in this process."""
+    gc.collect()
+    seen, total, graph = set(), 0, 0
+    for obj in gc.get_objects():
+        try:
+            if not torch.is_tensor(obj):
+                continue
+            if obj.grad_fn is not None or obj.grad is not None:
+                graph += 1
+            st = obj.untyped_storage()
+            key = (st.data_ptr(), obj.device)
+        except Exception:  # noqa: S112 - exotic tensors (meta, sparse) are not what we count
+            continue
+        if key not in seen:
+            seen.add(key)
+            total += st.nbytes()
+    return total, graph
+
+
+@pytest.mark.parametrize("failure", ["interrupt", "error", "oom"])
+def test_memory_is_returned_after_an_interrupt_or_an_error(comfy_host, sd15_small, tmp_path, failure):
+    import comfy.model_management as mm
+
+    model, clip, vae = sd15_small
+    (cond,) = comfy_host.run_node("CLIPTextEncode", text="a photo", clip=clip)
+    (deg,) = comfy_host.run_node("SILODegradation", **_deg_widgets())
+    photo = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(1))
+    meas, latent = comfy_host.run_node("SILOEncodeMeasurement", image=photo, vae=vae, degradation=deg,
+                                       noise_sigma=0.01)
+    op = _operator(comfy_host, SD15)
+    _run(comfy_host, model, cond, latent, meas, op, steps=2, eta=1.0)  # warm-up: weights made differentiable once
+    before_bytes, before_graph = _live_tensors()
+    patches_before = (dict(model.model_options.get("transformer_options", {})), len(model.patches))
+
+    def oom():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    action = {"interrupt": lambda: mm.interrupt_current_processing(True),
+              "error": lambda: (_ for _ in ()).throw(RuntimeError("operator exploded")),
+              "oom": oom}[failure]
+    sab = dataclasses.replace(op, module=_Sabotage(op.module, at_call=3, action=action))
+    expected = {"interrupt": mm.InterruptProcessingException, "error": RuntimeError,
+                "oom": torch.OutOfMemoryError}[failure]
+    with pytest.raises(expected) as info:
+        _run(comfy_host, model, cond, latent, meas, sab, steps=6, eta=1.0)
+    if failure == "oom":
+        assert "gradient 'x0'" in str(info.value) and "64x64" in str(info.value)
+    assert sab.module.calls < 6, "the run stopped at the failure"
+    assert not mm.processing_interrupted()
+    del info, sab
+    after_bytes, after_graph = _live_tensors()
+    assert after_graph == before_graph == 0, "no autograd graph or .grad survives the failed run"
+    assert after_bytes - before_bytes < 64 * 1024, f"{after_bytes - before_bytes} bytes of tensors leaked"
+    assert (dict(model.model_options.get("transformer_options", {})), len(model.patches)) == patches_before
+    out, trace = _run(comfy_host, model, cond, latent, meas, op, steps=2, eta=1.0)  # and the host still samples
+    assert torch.isfinite(out["samples"]).all() and len(trace) == 2

@@ -98,6 +98,10 @@ class InProcessHost:
         if os.path.realpath(folder_paths.base_path) != os.path.realpath(base):
             raise RuntimeError("folder_paths was imported before the test host was configured; "
                                "only one in-process host per test session is possible")
+        # main.py imports the host's `utils` package before `nodes` puts comfy/ first on sys.path; without that,
+        # `utils` later resolves to comfy/utils.py and comfy_extras/nodes_images.py (Image Stitch, ...) fails
+        with contextlib.suppress(ImportError):
+            import utils.install_util  # noqa: F401
         import nodes
 
         asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))

@@ -391,3 +391,24 @@ def test_naive_latent():
     jpeg = build_degradation(STANDARD_DEGRADATIONS["jpeg_q10"])
     assert torch.equal(jpeg.naive_latent(z), z)
     assert jpeg.pixel_mask(z.shape, "cpu") is None and blur.pixel_mask(z.shape, "cpu") is None
+
+
+def test_describe_spec_needs_no_mask():
+    from comfyui_silo.operators import describe_spec
+
+    assert "Mask inpainting" in describe_spec({"type": "mask_inpaint"})
+    assert describe_spec('{"type": "super_resolution", "factor": 8}') == "Super-resolution ×8"
+
+
+def test_spec_mismatch_tells_wrong_kind_from_other_parameters():
+    from comfyui_silo.operators import spec_mismatch
+
+    blur3 = {"type": "gaussian_blur", "kernel_size": 61, "sigma": 3.0}
+    assert spec_mismatch(blur3, dict(blur3)) is None
+    level, why = spec_mismatch(blur3, {"type": "super_resolution", "factor": 4})
+    assert level == "error" and "Gaussian blur" in why and "Super-resolution ×4" in why
+    level, why = spec_mismatch(blur3, dict(blur3, sigma=2.0))
+    assert level == "warning" and why.endswith("(different sigma)")
+    box = {"type": "box_inpaint", "top": 0, "left": 0, "height": 8, "width": 8}
+    assert spec_mismatch({"type": "mask_inpaint"}, box) is None, "a mask operator takes any inpainting mask"
+    assert spec_mismatch(box, {"type": "mask_inpaint"})[0] == "error"

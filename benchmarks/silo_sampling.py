@@ -1,0 +1,176 @@
+"""SILO KSampler cost next to plain KSampler: seconds per image and per step, peak VRAM, consistency loss.
+
+GPU run (issue 4; full-size random-weight SD1.5, 512x512, 50 steps, Gaussian blur 61x61 sigma 3)::
+
+    python -m benchmarks.silo_sampling --variant full --size 512 --steps 50 --markdown BENCHMARKS.md
+
+CPU smoke::
+
+    python -m benchmarks.silo_sampling --variant small --size 64 --steps 2 --repeats 1
+
+Every node runs through the real ComfyUI host in this process (tests/support/host.py), exactly as the executor calls
+it: KSampler (ddpm, normal, CFG 1), then SILO KSampler (eta 0.5, ddpm update) with gradient "unet" (through the
+UNet, the paper) and "x0" (at the denoised estimate only). The operator is a freshly built, untrained
+LatentOperator (the identity at init) and the weights are random, so this measures cost, not restoration quality.
+Peak VRAM is ``torch.cuda.max_memory_allocated`` over a run, reset before it; it includes the resident weights.
+The first of ``--repeats`` runs is a warm-up (model loading, kernel selection) and is left out unless repeats is 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import emit
+
+ROOT = Path(__file__).resolve().parents[1]
+SD15 = {"name": "SD15", "latent_channels": 4, "scale_factor": 0.18215, "shift_factor": 0.0, "downscale": 8}
+DEGRADATION = dict(type="gaussian_blur", blur_kernel_size=61, blur_sigma=3.0, sr_factor=4, box_top=0, box_left=0,
+                   box_height=8, box_width=8, random_box_size=16, random_box_seed=0, jpeg_quality=10)
+
+
+def smooth_photo(size: int) -> torch.Tensor:
+    """A deterministic smooth synthetic image [1,size,size,3] in [0,1]: gradients, waves and two soft discs."""
+    y, x = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
+    disc1 = torch.sigmoid((0.18 - ((x - 0.35) ** 2 + (y - 0.4) ** 2).sqrt()) * 40)
+    disc2 = torch.sigmoid((0.12 - ((x - 0.7) ** 2 + (y - 0.65) ** 2).sqrt()) * 40)
+    r = 0.3 + 0.3 * x + 0.15 * torch.sin(2 * math.pi * 3 * y) + 0.3 * disc1
+    g = 0.25 + 0.35 * y + 0.1 * torch.cos(2 * math.pi * 2 * (x + y)) + 0.25 * disc2
+    b = 0.5 + 0.2 * torch.sin(2 * math.pi * 1.5 * x) * torch.cos(2 * math.pi * y) - 0.2 * disc1 + 0.2 * disc2
+    return torch.stack([r, g, b], dim=-1).clamp(0, 1)[None]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--variant", choices=["small", "full"], default="full")
+    p.add_argument("--size", type=int, default=512, help="image side in pixels (multiple of 8)")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--repeats", type=int, default=2, help="runs per sampler; the first is a warm-up unless 1")
+    p.add_argument("--cpu", action="store_true", help="run on the CPU even when CUDA is available")
+    p.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH") or os.path.expanduser("~/ComfyUI"))
+    p.add_argument("--markdown", default=None, help="append the table to this markdown file")
+    args = p.parse_args(argv)
+    if args.size % 8:
+        p.error("--size must be a multiple of 8")
+    if args.repeats < 1 or args.steps < 1:
+        p.error("--repeats and --steps must be at least 1")
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from support.host import InProcessHost, ensure_checkpoint, make_base_directory
+
+    from comfyui_silo.tools.cli import bootstrap_host
+
+    os.environ["COMFYUI_PATH"] = args.comfyui
+    ckpt = ensure_checkpoint(args.variant)
+    bootstrap_host(args.comfyui, cpu=args.cpu)
+    # InProcessHost always sets args.cpu (it is made for the CPU test tiers); ComfyUI reads that flag only when
+    # comfy.model_management is first imported, so importing it here first keeps the GPU when there is one.
+    import comfy.model_management as mm  # noqa: F401
+
+    with tempfile.TemporaryDirectory(prefix="silo-bench-") as tmp:
+        base = make_base_directory(Path(tmp), [ckpt])
+        host = InProcessHost(base)
+        return run(args, host, ckpt)
+
+
+def run(args, host, ckpt: Path) -> int:
+    import comfy.utils
+
+    from comfyui_silo.operators.io import save_operator
+    from comfyui_silo.operators.network import LatentOperator
+
+    comfy.utils.PROGRESS_BAR_ENABLED = False
+    device = host.mm.get_torch_device()
+    cuda = device.type == "cuda"
+
+    model, clip, vae = host.run_node("CheckpointLoaderSimple", ckpt_name=ckpt.name)[:3]
+    (positive,) = host.run_node("CLIPTextEncode", text="a high quality photo", clip=clip)
+    (negative,) = host.run_node("CLIPTextEncode", text="", clip=clip)
+    (latent,) = host.run_node("EmptyLatentImage", width=args.size, height=args.size, batch_size=1)
+    (deg,) = host.run_node("SILODegradation", **DEGRADATION)
+    measured, _upsampled = host.run_node("SILOApplyDegradation", image=smooth_photo(args.size), degradation=deg,
+                                         noise_sigma=0.01, seed=0)
+    meas = host.run_node("SILOEncodeMeasurement", image=measured, vae=vae, degradation=deg, noise_sigma=0.01)[0]
+    op_name = "bench_untrained.safetensors"
+    op_dir = base_operator_dir(host)
+    save_operator(op_dir / op_name, LatentOperator(), degradation=dict(deg.spec), latent_format=SD15)
+    (operator,) = host.run_node("SILOLatentOperatorLoader", operator_name=op_name)
+
+    common = dict(model=model, seed=0, steps=args.steps, cfg=1.0, scheduler="normal", positive=positive,
+                  negative=negative, latent_image=latent, denoise=1.0)
+    silo = dict(measurement=meas, operator=operator, eta=0.5, update="ddpm", grad_clamp=1.0, early_stop=-1)
+    configs = [
+        ("KSampler (ddpm)", "KSampler", dict(sampler_name="ddpm")),
+        ("SILO KSampler, gradient unet", "SILOKSampler", dict(silo, gradient="unet")),
+        ("SILO KSampler, gradient x0", "SILOKSampler", dict(silo, gradient="x0")),
+    ]
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    rows = []
+    for label, node, extra in configs:
+        times, peaks, trace = [], [], None
+        for _ in range(args.repeats):
+            sync()
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            out = host.run_node(node, **common, **extra)
+            sync()
+            times.append(time.perf_counter() - t0)
+            peaks.append(torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"))
+            if node == "SILOKSampler":
+                trace = out[1]
+        keep = slice(1, None) if args.repeats > 1 else slice(None)
+        sec = sum(times[keep]) / len(times[keep])
+        peak = max(peaks[keep])
+        rows.append((label, sec, peak, trace))
+
+    plain = rows[0][1]
+    name = torch.cuda.get_device_name(device) if cuda else platform.processor() or "CPU"
+    unet_dtype = model.model_dtype()
+    cast = getattr(model.model, "manual_cast_dtype", None)
+    dtype = str(unet_dtype).removeprefix("torch.") + (f" (computes in {str(cast).removeprefix('torch.')})"
+                                                        if cast is not None else "")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout
+    measured_runs = args.repeats - 1 if args.repeats > 1 else 1
+    lines = [
+        f"### SILO KSampler vs KSampler ({args.size}², {args.steps} steps, gaussian blur 61×61 σ=3, "
+        f"{args.variant} random SD1.5, untrained operator)",
+        "",
+        f"{name}, torch {torch.__version__}, UNet dtype {dtype}, {args.size}², {args.steps} steps, "
+        f"{dt.date.today()}, commit {commit.strip()}; mean of {measured_runs} run(s)"
+        + (" after 1 warm-up" if args.repeats > 1 else " (no warm-up: includes model loading)"),
+        "",
+        "| sampler | s/image | s/step | × KSampler | peak VRAM GiB | consistency loss step 0 → last |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, sec, peak, trace in rows:
+        vram = f"{peak:.2f}" if cuda else "n/a (CPU)"
+        loss = "—" if trace is None else (
+            f"{trace[0]['loss'][0]:.4f} → {trace[-1]['loss'][0]:.4f}" if trace else "no guided steps")
+        lines.append(f"| {label} | {sec:.3f} | {sec / args.steps:.4f} | {sec / plain:.2f} | {vram} | {loss} |")
+    emit(lines, args.markdown)
+    return 0
+
+
+def base_operator_dir(host) -> Path:
+    d = Path(host.folder_paths.models_dir) / "latent_operators"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

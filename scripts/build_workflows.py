@@ -1,0 +1,323 @@
+"""Build the shipped example workflows (``workflows/*.json``) and their thumbnails (``workflows/*.jpg``).
+
+The graphs are described here in a few lines each; :class:`comfyui_silo.tools.workflow_build.WorkflowBuilder`
+turns them into UI-format files with the host's own widget order (from ``/object_info``). A server-tier test
+rebuilds them against the running host and fails if the committed files differ, so they never drift from the nodes.
+
+    python scripts/build_workflows.py                      # starts a headless host ($COMFYUI_PATH) for /object_info
+    python scripts/build_workflows.py --object-info oi.json
+    python scripts/build_workflows.py --thumbnails-only    # no host needed
+
+Thumbnails show the photo and what the degradation does to it (computed with the pack's own degradations); they
+never show a made-up restoration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "workflows"
+CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
+POSITIVE = "a high quality photograph, sharp focus, natural detail"
+NEGATIVE = "blurry, low quality, jpeg artifacts, noise, watermark"
+
+COMMON_NOTE = (
+    "How to use\n"
+    "1. Load Checkpoint: your SD1.x checkpoint (SDXL works with an SDXL operator).\n"
+    "2. Load Image: the degraded photo{photo_hint}.\n"
+    "3. Latent Degradation Operator: an operator trained for THIS degradation and THIS model family, from "
+    "ComfyUI/models/latent_operators. None yet? Run the workflow 'silo_train_operator_from_generated_images' "
+    "(or `python -m comfyui_silo train-operator`) with the same Degradation settings and the file name "
+    "'{operator_stem}'.\n"
+    "4. Queue. The result is saved under output/silo/; the preview shows the photo next to the restoration.\n\n"
+    "Settings: the paper samples 999 DDPM steps with eta 0.5 (1.0 for inpainting) and CFG 1. With fewer steps a "
+    "larger eta is needed: {steps} steps with eta {eta} is a starting point. gradient 'x0' is faster and needs far "
+    "less VRAM (no backward pass through the UNet). early_stop k returns the denoised estimate at step k: smoother, "
+    "closer to the photo (less hallucinated detail)."
+)
+
+# (file stem, title, degradation widgets, operator stem, eta, photo hint, extra note)
+TASKS = [
+    ("silo_gaussian_deblur", "Gaussian deblur",
+     {"type": "gaussian_blur", "blur_kernel_size": 61, "blur_sigma": 3.0}, "gaussian_blur_sd15", 1.0,
+     " (sides a multiple of 8, e.g. 512x512)", ""),
+    ("silo_super_resolution_x4", "Super-resolution x4",
+     {"type": "super_resolution", "sr_factor": 4}, "super_resolution_x4_sd15", 1.0,
+     " (the SMALL photo, e.g. 128x128 for a 512x512 result; its sides times 4 must be multiples of 8)", ""),
+    ("silo_super_resolution_x8", "Super-resolution x8",
+     {"type": "super_resolution", "sr_factor": 8}, "super_resolution_x8_sd15", 1.0,
+     " (the SMALL photo, e.g. 64x64 for a 512x512 result)", ""),
+    ("silo_box_inpainting", "Box inpainting",
+     {"type": "box_inpaint", "box_top": 128, "box_left": 128, "box_height": 256, "box_width": 256},
+     "box_inpaint_sd15", 2.0, " whose missing box is given by the Degradation node's box_* widgets (pixels)", ""),
+    ("silo_mask_inpainting", "Mask inpainting (draw the mask)",
+     {"type": "mask_inpaint"}, "mask_inpaint_sd15", 2.0,
+     "; right-click it → Open in MaskEditor and paint the missing region (painted = missing)",
+     "The operator must be trained for mask_inpaint (it then takes the mask as an extra input and works for any "
+     "mask)."),
+    ("silo_jpeg_restoration", "JPEG restoration",
+     {"type": "jpeg", "jpeg_quality": 10}, "jpeg_q10_sd15", 1.0, " (a heavily compressed JPEG)", ""),
+]
+STEPS = 250
+
+
+def _restoration(b, title: str, deg_widgets: dict, operator_stem: str, eta: float, photo_hint: str,
+                 extra: str, compare: bool = False) -> None:
+    x0, x1, x2, x3, x4 = 0, 420, 840, 1260, 1680
+    ckpt = b.node("CheckpointLoaderSimple", (x0, 80), {"ckpt_name": CHECKPOINT})
+    pos = b.node("CLIPTextEncode", (x0, 300), {"text": POSITIVE}, {"clip": ckpt.out("CLIP")}, title="Positive",
+                 size=(380, 130))
+    neg = b.node("CLIPTextEncode", (x0, 470), {"text": NEGATIVE}, {"clip": ckpt.out("CLIP")}, title="Negative",
+                 size=(380, 130))
+    photo = b.node("LoadImage", (x1, 80), {"image": "example.png"}, title="Clean photo" if compare else
+                   "Degraded photo", size=(360, 380))
+    deg = b.node("SILODegradation", (x1, 500), deg_widgets,
+                 {"mask": photo.out("MASK")} if deg_widgets["type"] == "mask_inpaint" else None)
+    if compare:
+        applied = b.node("SILOApplyDegradation", (x2, 560), {"noise_sigma": 0.01, "seed": 0},
+                         {"image": photo.out("IMAGE"), "degradation": deg.out("DEGRADATION")})
+        measured = applied.out("measurement")
+    else:
+        measured = photo.out("IMAGE")
+    enc = b.node("SILOEncodeMeasurement", (x2, 80), {"noise_sigma": 0.01},
+                 {"image": measured, "vae": ckpt.out("VAE"), "degradation": deg.out("DEGRADATION")})
+    op = b.node("SILOLatentOperatorLoader", (x2, 300), {"operator_name": operator_stem + ".safetensors"},
+                size=(360, 160))
+    ks = b.node("SILOKSampler", (x3, 80),
+                {"seed": 0, "steps": STEPS, "cfg": 1.0, "scheduler": "normal", "denoise": 1.0, "eta": eta,
+                 "update": "ddpm", "gradient": "unet", "grad_clamp": 1.0, "early_stop": -1},
+                {"model": ckpt.out("MODEL"), "positive": pos.out(), "negative": neg.out(),
+                 "latent_image": enc.out("LATENT"), "measurement": enc.out("MEASUREMENT"),
+                 "operator": op.out()}, size=(360, 520))
+    dec = b.node("VAEDecode", (x4, 80), None, {"samples": ks.out("LATENT"), "vae": ckpt.out("VAE")})
+    prefix = "silo/" + title.lower().split(" (")[0].replace(" ", "_").replace("-", "_")
+    if compare:
+        left = b.node("ImageStitch", (x4, 200), {"direction": "right", "match_image_size": True,
+                                                   "spacing_width": 8, "spacing_color": "white"},
+                      {"image1": photo.out("IMAGE"), "image2": applied.out("upsampled")}, title="original | degraded")
+        both = b.node("ImageStitch", (x4, 400), {"direction": "right", "match_image_size": True,
+                                                   "spacing_width": 8, "spacing_color": "white"},
+                      {"image1": left.out(), "image2": dec.out()}, title="original | degraded | restored")
+        b.node("SaveImage", (x4 + 360, 80), {"filename_prefix": prefix}, {"images": both.out()}, size=(520, 360))
+        b.node("SaveImage", (x4 + 360, 480), {"filename_prefix": prefix + "_restored"}, {"images": dec.out()},
+               size=(360, 360))
+    else:
+        b.node("SaveImage", (x4, 200), {"filename_prefix": prefix}, {"images": dec.out()}, size=(360, 380))
+        side = b.node("ImageStitch", (x4 + 380, 80), {"direction": "right", "match_image_size": True,
+                                                        "spacing_width": 8, "spacing_color": "white"},
+                      {"image1": photo.out("IMAGE"), "image2": dec.out()}, title="photo | restored")
+        b.node("PreviewImage", (x4 + 380, 300), None, {"images": side.out()}, size=(480, 300))
+    note = COMMON_NOTE.format(photo_hint=photo_hint, operator_stem=operator_stem, steps=STEPS, eta=eta)
+    if compare:
+        note = ("Degrade -> restore -> compare: load a CLEAN photo; Apply Degradation blurs it (plus noise 0.01) so "
+                "the original is known, SILO restores it, and the saved image shows original | degraded | restored "
+                "side by side.\n\n" + note.replace("the degraded photo" + photo_hint, "a clean photo"))
+    if extra:
+        note += "\n\n" + extra
+    b.note(note, (x0, 640), size=(800, 330), title=f"SILO: {title}")
+    b.group("Model and prompt", (x0 - 10, 10, 400, 620))
+    b.group("Photo and degradation", (x1 - 10, 10, 400, 800), color="#8a6e3e")
+    b.group("SILO restoration", (x2 - 10, 10, 820, 620), color="#3e8a5a")
+
+
+def train_workflow(b) -> None:
+    x0, x1, x2, x3 = 0, 420, 840, 1260
+    ckpt = b.node("CheckpointLoaderSimple", (x0, 80), {"ckpt_name": CHECKPOINT})
+    prompts = ["a photograph of a busy city street, natural light, detailed",
+               "a close-up photograph of a person's face, natural light, detailed"]
+    neg = b.node("CLIPTextEncode", (x0, 560), {"text": "painting, illustration, text, watermark, blurry"},
+                 {"clip": ckpt.out("CLIP")}, title="Negative", size=(380, 120))
+    latent = b.node("EmptyLatentImage", (x0, 720), {"width": 512, "height": 512, "batch_size": 8})
+    decoded = []
+    for i, text in enumerate(prompts):
+        pos = b.node("CLIPTextEncode", (x0, 260 + 140 * i), {"text": text}, {"clip": ckpt.out("CLIP")},
+                     title=f"Prompt {i + 1}", size=(380, 120))
+        ks = b.node("KSampler", (x1, 80 + 500 * i),
+                    {"seed": 1000 + i, "steps": 25, "cfg": 7.0, "sampler_name": "euler_ancestral",
+                     "scheduler": "normal", "denoise": 1.0},
+                    {"model": ckpt.out("MODEL"), "positive": pos.out(), "negative": neg.out(),
+                     "latent_image": latent.out()}, helpers={"seed": "randomize"})
+        decoded.append(b.node("VAEDecode", (x2, 80 + 500 * i), None,
+                              {"samples": ks.out(), "vae": ckpt.out("VAE")}))
+    images = b.node("ImageBatch", (x2, 300), None, {"image1": decoded[0].out(), "image2": decoded[1].out()})
+    b.node("PreviewImage", (x2, 420), None, {"images": images.out()}, size=(360, 360))
+    deg = b.node("SILODegradation", (x3, 560), {"type": "gaussian_blur", "blur_kernel_size": 61, "blur_sigma": 3.0})
+    b.node("SILOTrainLatentOperator", (x3, 80),
+           {"steps": 2000, "batch_size": 8, "crop_size": 256, "learning_rate": 2e-4, "max_noise_sigma": 0.05,
+            "pool_size": 0, "seed": 0, "filename": "gaussian_blur_sd15"},
+           {"images": images.out(), "model": ckpt.out("MODEL"), "vae": ckpt.out("VAE"),
+            "degradation": deg.out()}, size=(380, 440))
+    b.note(
+        "Train a latent operator from images your own checkpoint generates (no dataset needed).\n"
+        "1. Load Checkpoint: the checkpoint you will restore with (the operator learns ITS VAE's latent space).\n"
+        "2. Degradation: the degradation to learn (Gaussian blur 61/3.0 here). For the other example workflows use "
+        "super_resolution 4 or 8, box_inpaint, mask_inpaint or jpeg 10 and the file names they expect: "
+        "super_resolution_x4_sd15, super_resolution_x8_sd15, box_inpaint_sd15, mask_inpaint_sd15, jpeg_q10_sd15.\n"
+        "3. Queue. The two KSamplers make 16 varied 512x512 images (change the prompts for your kind of photos; more "
+        "and more varied images give better operators). Train Latent Operator saves "
+        "models/latent_operators/gaussian_blur_sd15.safetensors (never overwriting: an existing name gets _2) and "
+        "shows its held-out error next to two trivial baselines: the operator should beat both.\n\n"
+        "2000 steps take a few minutes on a GPU. pool_size > 0 encodes that many pairs once and reuses them (faster "
+        "when the VAE is slow). A folder of real photos works too: `python -m comfyui_silo train-operator`.",
+        (x0, 900), size=(820, 300), title="SILO: train an operator")
+    b.group("Generate training images", (x0 - 10, 10, 1240, 880))
+    b.group("Train", (x3 - 10, 10, 400, 760), color="#3e8a5a")
+
+
+def workflow_specs() -> dict[str, tuple[str, Callable]]:
+    specs: dict[str, tuple[str, Callable]] = {}
+    for stem, title, deg, op, eta, hint, extra in TASKS:
+        specs[stem] = (title, lambda b, t=title, d=deg, o=op, e=eta, h=hint, x=extra: _restoration(b, t, d, o, e, h, x))
+    specs["silo_train_operator_from_generated_images"] = ("Train an operator from generated images", train_workflow)
+    specs["silo_degrade_restore_compare"] = (
+        "Degrade, restore and compare",
+        lambda b: _restoration(b, "Degrade restore compare", {"type": "gaussian_blur", "blur_kernel_size": 61,
+                                                              "blur_sigma": 3.0},
+                               "gaussian_blur_sd15", 1.0, "", "", compare=True))
+    return specs
+
+
+def build_all(object_info: dict) -> dict[str, dict]:
+    """``{file stem: UI-format workflow}`` for every shipped workflow."""
+    from comfyui_silo.tools.workflow_build import WorkflowBuilder
+
+    out = {}
+    for stem, (_title, build) in workflow_specs().items():
+        b = WorkflowBuilder(object_info, stem)
+        build(b)
+        out[stem] = b.to_json()
+    return out
+
+
+def dumps(workflow: dict) -> str:
+    return json.dumps(workflow, indent=2, ensure_ascii=False) + "\n"
+
+
+# -------------------------------------------------------------------------------------------------- thumbnails
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    for name in ("DejaVuSans-Bold.ttf", "/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf"):
+        try:
+            return ImageFont.truetype(name, size)
+        except OSError:
+            continue
+    return ImageFont.load_default(size=size)
+
+
+def _photo(size: int = 256):
+    import numpy as np
+    import torch
+    from skimage import data, transform
+
+    img = data.astronaut()[20:420, 40:440] / 255.0
+    img = transform.resize(img, (size, size), anti_aliasing=True)
+    return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float()
+
+
+def _to_pil(t):
+    from PIL import Image
+
+    arr = (t[0].clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+    return Image.fromarray(arr)
+
+
+def make_thumbnail(stem: str, title: str) -> None:
+    import torch
+    from PIL import Image, ImageDraw
+
+    from comfyui_silo.operators.degradations import add_noise, build_degradation
+
+    W, H, P = 512, 320, 256
+    canvas = Image.new("RGB", (W, H), (28, 30, 36))
+    draw = ImageDraw.Draw(canvas)
+    x = _photo(P)
+    specs = {
+        "silo_gaussian_deblur": {"type": "gaussian_blur", "kernel_size": 61, "sigma": 3.0},
+        "silo_super_resolution_x4": {"type": "super_resolution", "factor": 4},
+        "silo_super_resolution_x8": {"type": "super_resolution", "factor": 8},
+        "silo_box_inpainting": {"type": "box_inpaint", "top": 64, "left": 64, "height": 128, "width": 128},
+        "silo_mask_inpainting": {"type": "mask_inpaint"},
+        "silo_jpeg_restoration": {"type": "jpeg", "quality": 10},
+        "silo_degrade_restore_compare": {"type": "gaussian_blur", "kernel_size": 61, "sigma": 3.0},
+    }
+    if stem == "silo_train_operator_from_generated_images":
+        from skimage import data, transform
+
+        tiles = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket()]
+        for i, im in enumerate(tiles):
+            side = min(im.shape[:2])
+            im = transform.resize(im[:side, :side] / 255.0, (120, 120), anti_aliasing=True)
+            t = torch.from_numpy(im.copy()).permute(2, 0, 1)[None].float()
+            canvas.paste(_to_pil(t), (16 + 124 * (i % 2), 40 + 124 * (i // 2)))
+        draw.text((16, 10), "training images", font=_font(15), fill=(230, 230, 230))
+        label = ["H(E(x)) ≈ E(A(x))", "", "Train Latent", "Operator", "", "→ models/", "latent_operators/"]
+    else:
+        mask = None
+        if specs[stem]["type"] == "mask_inpaint":
+            yy, xx = torch.meshgrid(torch.arange(P), torch.arange(P), indexing="ij")
+            mask = (((xx - 150) ** 2 / 60 ** 2 + (yy - 110) ** 2 / 35 ** 2) < 1).float()[None, None]
+        deg = build_degradation(specs[stem], mask=mask)
+        with torch.no_grad():
+            y = add_noise(deg(x), 0.01, seed=0).clamp(0, 1)
+            shown = deg.lift(y, size=(P, P)).clamp(0, 1) if specs[stem]["type"] == "super_resolution" else y
+            if specs[stem]["type"] == "super_resolution":  # show the pixels, not the bicubic upsampling
+                shown = torch.nn.functional.interpolate(y, size=(P, P), mode="nearest")
+        canvas.paste(_to_pil(x[:, :, :, : P // 2]), (0, 40))
+        canvas.paste(_to_pil(shown[:, :, :, P // 2:]), (P // 2, 40))
+        draw.line([(P // 2, 40), (P // 2, 40 + P)], fill=(255, 255, 255), width=2)
+        draw.text((8, 10), "photo", font=_font(15), fill=(230, 230, 230))
+        short = {"gaussian_blur": "blur σ=3", "super_resolution": f"low-res ×{specs[stem].get('factor')}",
+                 "box_inpaint": "missing box", "mask_inpaint": "missing (mask)", "jpeg": "JPEG q=10"}
+        draw.text((P // 2 + 8, 10), short[specs[stem]["type"]], font=_font(15), fill=(230, 230, 230))
+        label = ["Encode", "Measurement", "", "Latent", "Degradation", "Operator", "", "SILO KSampler"]
+    x0 = P + 24
+    draw.rounded_rectangle([x0, 40, W - 16, 40 + P], radius=10, outline=(110, 190, 140), width=2)
+    yy = 56
+    for line in label:
+        draw.text((x0 + 14, yy), line, font=_font(17), fill=(200, 235, 210))
+        yy += 26
+    draw.rectangle([0, H - 24, W, H], fill=(46, 52, 64))
+    draw.text((8, H - 21), f"SILO · {title}", font=_font(14), fill=(240, 240, 240))
+    canvas.save(OUT / f"{stem}.jpg", quality=88)
+
+
+def fetch_object_info(comfyui: str) -> dict:
+    from comfyui_silo.tools.runner import ComfyRunner
+
+    with tempfile.TemporaryDirectory() as base:
+        (Path(base) / "custom_nodes").mkdir()
+        with ComfyRunner(comfyui, base_directory=base, cpu=True) as runner:
+            return runner.object_info()
+
+
+def main(argv=None) -> int:
+    import os
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--object-info", help="a saved /object_info JSON (default: start a headless host)")
+    p.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH") or os.path.expanduser("~/ComfyUI"))
+    p.add_argument("--thumbnails-only", action="store_true")
+    args = p.parse_args(argv)
+    OUT.mkdir(exist_ok=True)
+    specs = workflow_specs()
+    if not args.thumbnails_only:
+        info = (json.loads(Path(args.object_info).read_text()) if args.object_info
+                else fetch_object_info(args.comfyui))
+        for stem, wf in build_all(info).items():
+            (OUT / f"{stem}.json").write_text(dumps(wf), encoding="utf-8")
+            print(OUT / f"{stem}.json")
+    for stem, (title, _build) in specs.items():
+        make_thumbnail(stem, title)
+        print(OUT / f"{stem}.jpg")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

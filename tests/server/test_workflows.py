@@ -1,0 +1,203 @@
+"""Server tier: every shipped workflow (workflows/*.json) converts with the host's /object_info, runs headlessly at
+64x64 against the random checkpoint, and is what scripts/build_workflows.py builds from the current node schemas."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from comfyui_silo.tools.workflow import FRONTEND_ONLY_TYPES, assign_widget_values, ui_to_api
+
+pytestmark = pytest.mark.server
+
+ROOT = Path(__file__).resolve().parents[2]
+WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
+SD15 = {"name": "SD15", "latent_channels": 4, "scale_factor": 0.18215, "shift_factor": 0.0, "downscale": 8}
+
+
+def _spec(widgets: dict) -> dict:
+    """The degradation spec a Degradation (SILO) node builds from its widgets (only the chosen type's widgets)."""
+    fields = {"gaussian_blur": {"blur_kernel_size": "kernel_size", "blur_sigma": "sigma"},
+              "super_resolution": {"sr_factor": "factor"},
+              "box_inpaint": {"box_top": "top", "box_left": "left", "box_height": "height", "box_width": "width"},
+              "random_box_inpaint": {"random_box_size": "size", "random_box_seed": "seed"},
+              "jpeg": {"jpeg_quality": "quality"}}.get(widgets["type"], {})
+    return {"type": widgets["type"], **{field: widgets[w] for w, field in fields.items()}}
+
+
+def _load(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _builder_module():
+    spec = importlib.util.spec_from_file_location("build_workflows", ROOT / "scripts" / "build_workflows.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def object_info(comfy_server):
+    return comfy_server.get("/object_info", timeout=120)
+
+
+@pytest.fixture(scope="module")
+def operator_files(comfy_server, object_info):
+    """An untrained operator for every operator file a shipped workflow names, for the degradation it names."""
+    from comfyui_silo.operators.io import save_operator
+    from comfyui_silo.operators.network import LatentOperator
+
+    folder = comfy_server.base / "models" / "latent_operators"
+    made = {}
+    for path in WORKFLOWS:
+        wf = _load(path)
+        loaders = [n for n in wf["nodes"] if n["type"] == "SILOLatentOperatorLoader"]
+        degs = [n for n in wf["nodes"] if n["type"] == "SILODegradation"]
+        for loader in loaders:
+            name = assign_widget_values(object_info["SILOLatentOperatorLoader"], loader["widgets_values"])[
+                "operator_name"]
+            spec = _spec(assign_widget_values(object_info["SILODegradation"], degs[0]["widgets_values"]))
+            if not (folder / name).exists():
+                save_operator(folder / name, LatentOperator(width=8, use_mask=spec["type"] == "mask_inpaint"),
+                              degradation=spec, latent_format=SD15)
+            made[name] = spec
+    return made
+
+
+def _png(path: Path, size: tuple[int, int], hole: tuple[int, int, int, int] | None = None) -> str:
+    from PIL import Image
+
+    w, h = size
+    g = torch.Generator().manual_seed(w * 1000 + h)
+    img = torch.nn.functional.interpolate(torch.rand(1, 3, max(h // 4, 2), max(w // 4, 2), generator=g),
+                                          size=(h, w), mode="bilinear", align_corners=False)[0]
+    arr = (img.permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    im = Image.fromarray(arr, "RGB")
+    if hole is not None:  # transparent = painted in the mask editor = missing (LoadImage's MASK is 1 - alpha)
+        im = im.convert("RGBA")
+        alpha = Image.new("L", (w, h), 255)
+        alpha.paste(0, hole)
+        im.putalpha(alpha)
+    im.save(path)
+    return path.name
+
+
+def test_workflows_are_what_the_builder_makes_from_the_current_nodes(object_info):
+    built = _builder_module().build_all(object_info)
+    assert set(built) == {p.stem for p in WORKFLOWS}
+    for path in WORKFLOWS:
+        assert built[path.stem] == _load(path), (f"{path.name} is stale: run `python scripts/build_workflows.py` "
+                                                  "and commit the result")
+
+
+def test_the_host_serves_the_workflows_as_templates_with_thumbnails(comfy_server):
+    templates = comfy_server.get("/workflow_templates")
+    ours = [names for pack, names in templates.items() if pack == "comfyui-silo"]
+    assert ours and sorted(ours[0]) == sorted(p.stem for p in WORKFLOWS)
+    url = f"{comfy_server.url}/api/workflow_templates/comfyui-silo/{WORKFLOWS[0].stem}.jpg"
+    with urllib.request.urlopen(url, timeout=30) as r:
+        assert r.read(3) == b"\xff\xd8\xff"
+
+
+def _prepare(api: dict, stem: str, base: Path, checkpoint: str) -> dict:
+    """Shrink a shipped workflow to 64x64 and a couple of steps; returns what its outputs should look like."""
+    expect = {"size": (64, 64)}
+    small = {"silo_super_resolution_x4": (16, 16), "silo_super_resolution_x8": (8, 8)}.get(stem, (64, 64))
+    hole = (20, 24, 44, 40) if stem == "silo_mask_inpainting" else None
+    image = _png(base / "input" / f"wf_{stem}.png", small, hole)
+    for node in api.values():
+        cls, inputs = node["class_type"], node["inputs"]
+        if cls == "CheckpointLoaderSimple":
+            inputs["ckpt_name"] = checkpoint
+        elif cls == "LoadImage":
+            inputs["image"] = image
+        elif cls == "SILOKSampler":
+            inputs["steps"] = 2
+        elif cls == "KSampler":
+            inputs["steps"] = 1
+        elif cls == "EmptyLatentImage":
+            inputs.update(width=64, height=64, batch_size=1)
+        elif cls == "SILODegradation" and inputs["type"] == "box_inpaint":
+            inputs.update(box_top=16, box_left=16, box_height=24, box_width=24)
+        elif cls == "SILOTrainLatentOperator":
+            inputs.update(steps=2, batch_size=2, crop_size=64)
+    return expect
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_shipped_workflow_runs_headlessly(path, comfy_server, object_info, operator_files, small_checkpoint):
+    from PIL import Image
+
+    wf = _load(path)
+    missing = {n["type"] for n in wf["nodes"]} - set(object_info) - FRONTEND_ONLY_TYPES
+    assert not missing, f"{path.name} names node types the host does not have: {missing}"
+    api = ui_to_api(wf, object_info)
+    base = comfy_server.base
+    expect = _prepare(api, path.stem, base, small_checkpoint.name)
+    before = set((base / "models" / "latent_operators").glob("*.safetensors"))
+    entry = comfy_server.run_prompt(api, timeout=600)
+    outputs = entry["outputs"]
+    saved = [img for node_id, out in outputs.items() for img in out.get("images", [])
+             if api[node_id]["class_type"] == "SaveImage"]
+    if path.stem == "silo_train_operator_from_generated_images":
+        from comfyui_silo.operators.io import load_operator
+
+        new = set((base / "models" / "latent_operators").glob("*.safetensors")) - before
+        assert len(new) == 1, "the training workflow writes one new operator file (never overwriting)"
+        (new_file,) = new
+        assert new_file.name.startswith("gaussian_blur_sd15_")  # the shipped name exists already: _2, _3, ...
+        op = load_operator(new_file)
+        assert op.degradation["type"] == "gaussian_blur" and op.training["steps"] == 2
+        train_id = next(i for i, n in api.items() if n["class_type"] == "SILOTrainLatentOperator")
+        assert "held-out" in "".join(outputs[train_id]["text"])
+        return
+    assert saved, f"{path.name} saved no image"
+    sizes = []
+    for img in saved:
+        with Image.open(base / "output" / img["subfolder"] / img["filename"]) as im:
+            sizes.append(im.size)
+    if path.stem == "silo_degrade_restore_compare":
+        assert sorted(sizes) == sorted([(64, 64), (64 * 3 + 2 * 8, 64)]), sizes  # original | degraded | restored
+    else:
+        assert sizes == [expect["size"]], sizes
+    ks_id = next(i for i, n in api.items() if n["class_type"] == "SILOKSampler")
+    assert "consistency" in "".join(outputs[ks_id]["text"])
+
+
+def test_readme_main_job_command_restores_a_photo(tmp_path_factory, small_checkpoint, operator_files, comfy_server,
+                                                  tmp_path):
+    """README's main job (`python -m comfyui_silo run workflows/silo_gaussian_deblur.json --image "Degraded
+    photo=..." --set CheckpointLoaderSimple.ckpt_name=...`) on its own headless server, shrunk to 2 steps."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from PIL import Image
+    from support import host as host_support
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "-m comfyui_silo run workflows/silo_gaussian_deblur.json" in readme
+    assert '--image "Degraded photo=' in readme and "--set CheckpointLoaderSimple.ckpt_name=" in readme
+    base = host_support.make_base_directory(tmp_path_factory.mktemp("main_job"), [small_checkpoint])
+    shutil.copyfile(comfy_server.base / "models" / "latent_operators" / "gaussian_blur_sd15.safetensors",
+                    base / "models" / "latent_operators" / "gaussian_blur_sd15.safetensors")
+    photo = tmp_path / "blurry photo.png"
+    _png(photo, (64, 48))
+    out = tmp_path / "restored"
+    proc = subprocess.run(
+        [sys.executable, "-m", "comfyui_silo", "run", "workflows/silo_gaussian_deblur.json",
+         "--comfyui", str(host_support.comfyui_path()), "--base-directory", str(base), "--cpu",
+         "--image", f"Degraded photo={photo}", "--set", f"CheckpointLoaderSimple.ckpt_name={small_checkpoint.name}",
+         "--set", "SILOKSampler.steps=2", "--out", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=str(ROOT), env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = [Path(line) for line in proc.stdout.splitlines() if line.endswith(".png") and "temp" not in line]
+    assert saved, proc.stdout
+    with Image.open(saved[0]) as im:
+        assert im.size == (64, 48)
