@@ -4,6 +4,10 @@ GPU run (issue 4; full-size random-weight SD1.5, 512x512, 50 steps, Gaussian blu
 
     python -m benchmarks.silo_sampling --variant full --size 512 --steps 50 --markdown BENCHMARKS.md
 
+With the baselines of issue 5 (Latent DPS, PSLD, ReSample) in the same table::
+
+    python -m benchmarks.silo_sampling --variant full --size 512 --steps 50 --baselines --markdown BENCHMARKS.md
+
 CPU smoke::
 
     python -m benchmarks.silo_sampling --variant small --size 64 --steps 2 --repeats 1
@@ -59,6 +63,8 @@ def main(argv=None) -> int:
     p.add_argument("--cpu", action="store_true", help="run on the CPU even when CUDA is available")
     p.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH") or os.path.expanduser("~/ComfyUI"))
     p.add_argument("--markdown", default=None, help="append the table to this markdown file")
+    p.add_argument("--baselines", action="store_true",
+                   help="also time Latent DPS, PSLD and ReSample (pixel-space, no operator) on the same measurement")
     args = p.parse_args(argv)
     if args.size % 8:
         p.error("--size must be a multiple of 8")
@@ -114,6 +120,16 @@ def run(args, host, ckpt: Path) -> int:
         ("SILO KSampler, gradient unet", "SILOKSampler", dict(silo, gradient="unet")),
         ("SILO KSampler, gradient x0", "SILOKSampler", dict(silo, gradient="x0")),
     ]
+    if args.baselines:  # issue 5: the pixel-space solvers on the same measurement, checkpoint and steps
+        dps = dict(measurement=meas, vae=vae, eta=1.0, gluing=0.0, update="ddpm", gradient="unet", grad_clamp=0.0,
+                   early_stop=-1)
+        configs += [
+            ("Latent DPS KSampler", "SILOLatentDPSKSampler", dps),
+            ("PSLD (Latent DPS KSampler, gluing 0.1)", "SILOLatentDPSKSampler", dict(dps, gluing=0.1)),
+            ("ReSample KSampler (every 10 steps, ≤500 its)", "SILOReSampleKSampler",
+             dict(measurement=meas, vae=vae, consistency_every=10, latent_steps=500, lr=5e-3, tolerance=1e-3,
+                  gamma=40.0, dps_eta=0.0, early_stop=-1)),
+        ]
 
     def sync():
         if cuda:
@@ -131,7 +147,7 @@ def run(args, host, ckpt: Path) -> int:
             sync()
             times.append(time.perf_counter() - t0)
             peaks.append(torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"))
-            if node == "SILOKSampler":
+            if node != "KSampler":
                 trace = out[1]
         keep = slice(1, None) if args.repeats > 1 else slice(None)
         sec = sum(times[keep]) / len(times[keep])
@@ -154,7 +170,8 @@ def run(args, host, ckpt: Path) -> int:
         f"{dt.date.today()}, commit {commit.strip()}; mean of {measured_runs} run(s)"
         + (" after 1 warm-up" if args.repeats > 1 else " (no warm-up: includes model loading)"),
         "",
-        "| sampler | s/image | s/step | × KSampler | peak VRAM GiB | consistency loss step 0 → last |",
+        "| sampler | s/image | s/step | × KSampler | peak VRAM GiB | consistency loss step 0 → last (SILO: latent "
+        "‖w − H(ẑ₀)‖; baselines: pixel ‖y − A(D(ẑ₀))‖) |",
         "|---|---|---|---|---|---|",
     ]
     for label, sec, peak, trace in rows:

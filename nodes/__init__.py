@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
+from .baselines import LatentDPSKSampler, LatentDPSSampler, ReSampleKSampler, ReSampleSampler
 from .degradation import ApplyDegradation, DegradationNode
+from .metrics import PixelUncertainty, RestorationMetrics
 from .operator_nodes import LatentOperatorLoader, TrainLatentOperator
 from .sampling import EncodeMeasurement, SiloKSampler, SiloSampler
 
@@ -16,6 +18,12 @@ NODES: list[type[io.ComfyNode]] = [
     EncodeMeasurement,
     SiloKSampler,
     SiloSampler,
+    LatentDPSKSampler,
+    ReSampleKSampler,
+    LatentDPSSampler,
+    ReSampleSampler,
+    RestorationMetrics,
+    PixelUncertainty,
 ]
 
 

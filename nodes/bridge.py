@@ -58,3 +58,36 @@ def interrupt_check() -> None:
     import comfy.model_management
 
     comfy.model_management.throw_exception_if_processing_interrupted()
+
+
+def differentiable_vae(vae, model):
+    """``(decode, encode)`` for pixel-space guidance (Latent-DPS, PSLD, ReSample), both differentiable.
+
+    ``decode(z)``: latent in the model's sampling space -> image ``[B,3,H,W]``, about ``[0,1]`` (not clamped, so
+    gradients survive at the range ends); ``encode(x)``: image ``[B,3,H,W]`` -> latent in the sampling space (the
+    posterior mode). They call the VAE's ``first_stage_model`` directly: ComfyUI's ``VAE.decode/encode`` are
+    inference-only, may tile and move the model. The VAE is loaded next to the UNet once and its weights are made
+    ordinary tensors in place (no copy); attention inside it is the VAE's own (PyTorch SDPA by default).
+    """
+    import comfy.model_management as mm
+
+    from .sampling import make_weights_differentiable
+
+    if getattr(vae, "first_stage_model", None) is None or not hasattr(vae.first_stage_model, "decode"):
+        raise ValueError("this VAE has no first_stage_model with decode(); pixel-space guidance needs an image VAE")
+    mm.load_models_gpu([vae.patcher], force_full_load=True)
+    fsm = vae.first_stage_model
+    make_weights_differentiable(fsm)
+    lf = model.get_model_object("latent_format")
+    dtype, device = vae.vae_dtype, vae.device
+
+    def decode(z: torch.Tensor) -> torch.Tensor:
+        raw = lf.process_out(z.float())
+        img = fsm.decode(raw.to(device=device, dtype=dtype)).float()
+        return (img + 1.0) / 2.0
+
+    def encode(x: torch.Tensor) -> torch.Tensor:
+        raw = fsm.encode((x.float() * 2.0 - 1.0).to(device=device, dtype=dtype)).float()
+        return lf.process_in(raw)
+
+    return decode, encode

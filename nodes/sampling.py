@@ -150,17 +150,22 @@ def silo_sampler_function(model, x, sigmas, extra_args=None, callback=None, disa
             unet = _diffusion_model(model)
             if unet is not None:
                 make_weights_differentiable(unet)
+    return guarded_sample(sample_silo, model, x, sigmas, extra_args, callback, disable,
+                          measurement=w.to(dtype), operator=operator, **options).to(dtype)
+
+
+def guarded_sample(sample_fn, model, x, sigmas, extra_args, callback, disable, **options):
+    """Run a pure-torch sampler with ComfyUI's Cancel checked every step and out-of-memory explained."""
     def step_callback(info):
         interrupt_check()  # Cancel stops at the next step, also in SamplerCustom without previews
         if callback is not None:
             callback(info)
 
     try:
-        return sample_silo(model, x, sigmas, extra_args=extra_args, callback=step_callback, disable=disable,
-                           measurement=w.to(dtype), operator=operator, **options).to(dtype)
+        return sample_fn(model, x, sigmas, extra_args=extra_args, callback=step_callback, disable=disable, **options)
     except torch.OutOfMemoryError as e:
         raise SiloOutOfMemoryError(
-            f"SILO sampling ran out of memory at {x.shape[-1] * 8}x{x.shape[-2] * 8} px, batch {x.shape[0]}, "
+            f"guided sampling ran out of memory at {x.shape[-1] * 8}x{x.shape[-2] * 8} px, batch {x.shape[0]}, "
             f"gradient '{options.get('gradient', 'unet')}'. Try gradient 'x0' (no backward pass through the UNet: "
             "about the memory of plain sampling), a smaller image or batch, or start ComfyUI with --lowvram. "
             f"({str(e).splitlines()[0] if str(e) else 'out of memory'})") from None
@@ -207,13 +212,43 @@ def guided_model(model):
     return m
 
 
-def trace_text(trace: list) -> str:
+def run_guided_ksampler(model, sampler, seed, steps, cfg, scheduler, positive, negative, latent_image, denoise):
+    """What KSampler does (noise, sigmas, previews, progress bar), with a guided SAMPLER on an SDPA-forced clone of
+    the MODEL; the cache is emptied afterwards, also after an error or an interrupt. Returns the LATENT dict."""
+    import comfy.model_management as mm
+    import comfy.sample
+    import comfy.samplers
+    import comfy.utils
+    import latent_preview
+
+    m = guided_model(model)
+    latent = comfy.sample.fix_empty_latent_channels(m, latent_image["samples"])
+    noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
+    total = steps if denoise >= 1.0 else int(steps / max(denoise, 1e-4))
+    sigmas = comfy.samplers.calculate_sigmas(m.get_model_object("model_sampling"), scheduler, total).cpu()
+    sigmas = sigmas[-(steps + 1):]
+    callback = latent_preview.prepare_callback(m, steps)
+    try:
+        samples = comfy.sample.sample_custom(
+            m, noise, cfg, sampler, sigmas, positive, negative, latent,
+            noise_mask=latent_image.get("noise_mask"), callback=callback,
+            disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+    finally:
+        with contextlib.suppress(Exception):
+            mm.soft_empty_cache()
+    out = dict(latent_image)
+    out.pop("downscale_ratio_spacial", None)
+    out["samples"] = samples
+    return out
+
+
+def trace_text(trace: list, what: str = "‖w − H(ẑ₀)‖") -> str:
     if not trace:
         return "no guided steps"
     first, last = trace[0], trace[-1]
     f = sum(first["loss"]) / len(first["loss"])
     la = sum(last["loss"]) / len(last["loss"])
-    return f"consistency ‖w − H(ẑ₀)‖: step 0 {f:.3f} → step {last['step']} {la:.3f} ({len(trace)} steps)"
+    return f"consistency {what}: step 0 {f:.3f} → step {last['step']} {la:.3f} ({len(trace)} steps)"
 
 
 SILO_INPUTS = [
@@ -270,33 +305,10 @@ class SiloKSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, seed, steps, cfg, scheduler, positive, negative, latent_image, denoise, measurement,
                 operator, eta, update, gradient, grad_clamp, early_stop) -> io.NodeOutput:
-        import comfy.model_management as mm
-        import comfy.sample
-        import comfy.samplers
-        import comfy.utils
-        import latent_preview
-
         sampler, trace = build_silo_sampler(model, measurement, operator, eta, update, gradient, grad_clamp,
                                             early_stop)
-        m = guided_model(model)
-        latent = latent_image["samples"]
-        latent = comfy.sample.fix_empty_latent_channels(m, latent)
-        noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
-        total = steps if denoise >= 1.0 else int(steps / max(denoise, 1e-4))
-        sigmas = comfy.samplers.calculate_sigmas(m.get_model_object("model_sampling"), scheduler, total).cpu()
-        sigmas = sigmas[-(steps + 1):]
-        callback = latent_preview.prepare_callback(m, steps)
-        try:
-            samples = comfy.sample.sample_custom(
-                m, noise, cfg, sampler, sigmas, positive, negative, latent,
-                noise_mask=latent_image.get("noise_mask"), callback=callback,
-                disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
-        finally:
-            with contextlib.suppress(Exception):
-                mm.soft_empty_cache()
-        out = dict(latent_image)
-        out.pop("downscale_ratio_spacial", None)
-        out["samples"] = samples
+        out = run_guided_ksampler(model, sampler, seed, steps, cfg, scheduler, positive, negative, latent_image,
+                                  denoise)
         return io.NodeOutput(out, trace, ui=ui.PreviewText(trace_text(trace)))
 
 

@@ -96,6 +96,11 @@ SILO_OPTIONS: dict[str, dict[str, Any]] = {
         "default": None,
         "doc": "Optional noise source (sigma, sigma_next) -> noise; default seeded like ComfyUI.",
     },
+    "extra_loss": {
+        "default": None,
+        "doc": "Optional callable z0_hat -> [B] loss added to the measurement loss before the gradient "
+        "(e.g. PSLD's gluing term); recorded in the trace as 'extra_loss'. None = SILO as in the paper.",
+    },
 }
 
 
@@ -148,6 +153,13 @@ def _check_shapes(measurement: torch.Tensor, h: torch.Tensor) -> None:
     )
 
 
+def _check_extra(extra, loss: torch.Tensor) -> torch.Tensor:
+    if not isinstance(extra, torch.Tensor) or tuple(extra.shape) != tuple(loss.shape):
+        got = tuple(extra.shape) if isinstance(extra, torch.Tensor) else type(extra).__name__
+        raise ValueError(f"extra_loss must return a per-batch loss tensor of shape {tuple(loss.shape)}, got {got}")
+    return extra.to(device=loss.device, dtype=loss.dtype)
+
+
 def sample_silo(
     model,
     x: torch.Tensor,
@@ -167,6 +179,7 @@ def sample_silo(
     early_stop: int | None = None,
     trace: list | None = None,
     noise_sampler=None,
+    extra_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """SILO guided sampling (see the module docstring for the derivation of the step).
 
@@ -199,6 +212,10 @@ def sample_silo(
             ``{"step", "sigma", "eta", "loss": [B floats], "grad_norm": [B floats]}`` (``grad_norm`` is
             the L2 norm of the unclamped VP-space gradient; empty when no gradient was taken).
         noise_sampler: optional ``(sigma, sigma_next) -> noise``; default is ComfyUI's seeded sampler.
+        extra_loss: optional ``extra_loss(z0_hat) -> [B]`` added to ``loss_b`` before the gradient is
+            taken (differentiable; e.g. PSLD's gluing term).  Each trace entry then also has
+            ``"extra_loss": [B floats]`` (computed without gradients on unguided steps); ``"loss"`` and the
+            callback's ``silo_loss`` stay the measurement term.  None (default) changes nothing.
 
     Returns:
         The final sample (or ``z0_hat`` at ``early_stop``).
@@ -213,6 +230,8 @@ def sample_silo(
         raise ValueError("SILO needs measurement= (a tensor shaped like the operator output)")
     if operator is None or not callable(operator):
         raise ValueError("SILO needs operator= (a callable H(z0_hat, **operator_kwargs))")
+    if extra_loss is not None and not callable(extra_loss):
+        raise ValueError(f"extra_loss must be None or a callable z0_hat -> [B] tensor, got {type(extra_loss).__name__}")
     eta = float(eta)
     if not math.isfinite(eta) or eta < 0:
         raise ValueError(f"eta must be a finite number >= 0, got {eta}")
@@ -248,6 +267,7 @@ def sample_silo(
         guided = eta_i != 0 and early_stop != i
         report = trace is not None or callback is not None
         g_z = None
+        extra = None
 
         if guided:
             if gradient == "x0":  # plain forward in the caller's mode (no graph, no copy of x)
@@ -267,8 +287,13 @@ def sample_silo(
                     _check_shapes(w, h)
                     shapes_checked = True
                 loss = _per_batch_l2(w, h)
-                (grad,) = torch.autograd.grad(loss.sum(), target)
                 del h
+                if extra_loss is None:
+                    (grad,) = torch.autograd.grad(loss.sum(), target)
+                else:
+                    extra = _check_extra(extra_loss(denoised_g), loss)
+                    (grad,) = torch.autograd.grad((loss + extra).sum(), target)
+                    extra = extra.detach()
             denoised = denoised_g.detach()
             loss = loss.detach()
             del denoised_g, target
@@ -286,19 +311,22 @@ def sample_silo(
                         shapes_checked = True
                     loss = _per_batch_l2(w, h)
                     del h
+                if extra_loss is not None and trace is not None:
+                    extra = _check_extra(extra_loss(denoised), loss)
 
         if trace is not None:
-            trace.append(
-                {
-                    "step": i,
-                    "sigma": sigma_f,
-                    "eta": float(eta_i) if guided else 0.0,
-                    "loss": loss.float().cpu().tolist(),
-                    "grad_norm": []
-                    if g_z is None
-                    else torch.linalg.vector_norm(g_z.reshape(g_z.shape[0], -1), dim=1).float().cpu().tolist(),
-                }
-            )
+            entry = {
+                "step": i,
+                "sigma": sigma_f,
+                "eta": float(eta_i) if guided else 0.0,
+                "loss": loss.float().cpu().tolist(),
+                "grad_norm": []
+                if g_z is None
+                else torch.linalg.vector_norm(g_z.reshape(g_z.shape[0], -1), dim=1).float().cpu().tolist(),
+            }
+            if extra_loss is not None:
+                entry["extra_loss"] = extra.float().cpu().tolist()
+            trace.append(entry)
         if callback is not None:
             callback(
                 {

@@ -97,15 +97,35 @@ def _restoration(b, title: str, deg_widgets: dict, operator_stem: str, eta: floa
     dec = b.node("VAEDecode", (x4, 80), None, {"samples": ks.out("LATENT"), "vae": ckpt.out("VAE")})
     prefix = "silo/" + title.lower().split(" (")[0].replace(" ", "_").replace("-", "_")
     if compare:
-        left = b.node("ImageStitch", (x4, 200), {"direction": "right", "match_image_size": True,
-                                                   "spacing_width": 8, "spacing_color": "white"},
-                      {"image1": photo.out("IMAGE"), "image2": applied.out("upsampled")}, title="original | degraded")
-        both = b.node("ImageStitch", (x4, 400), {"direction": "right", "match_image_size": True,
-                                                   "spacing_width": 8, "spacing_color": "white"},
-                      {"image1": left.out(), "image2": dec.out()}, title="original | degraded | restored")
-        b.node("SaveImage", (x4 + 360, 80), {"filename_prefix": prefix}, {"images": both.out()}, size=(520, 360))
-        b.node("SaveImage", (x4 + 360, 480), {"filename_prefix": prefix + "_restored"}, {"images": dec.out()},
+        stitch = {"direction": "right", "match_image_size": True, "spacing_width": 8, "spacing_color": "white"}
+        common = {"model": ckpt.out("MODEL"), "positive": pos.out(), "negative": neg.out(),
+                  "latent_image": enc.out("LATENT"), "measurement": enc.out("MEASUREMENT"), "vae": ckpt.out("VAE")}
+        dps = b.node("SILOLatentDPSKSampler", (x3, 640),
+                     {"seed": 0, "steps": STEPS, "cfg": 1.0, "scheduler": "normal", "denoise": 1.0, "eta": 1.0,
+                      "gluing": 0.0, "update": "ddpm", "gradient": "unet", "grad_clamp": 0.0, "early_stop": -1},
+                     common, title="Latent DPS (baseline)", size=(360, 480))
+        rs = b.node("SILOReSampleKSampler", (x3, 1160),
+                    {"seed": 0, "steps": STEPS, "cfg": 1.0, "scheduler": "normal", "denoise": 1.0,
+                     "consistency_every": 10, "latent_steps": 500, "lr": 5e-3, "tolerance": 1e-3, "gamma": 40.0,
+                     "dps_eta": 0.0, "early_stop": -1}, common, title="ReSample (baseline)", size=(360, 480))
+        dec_dps = b.node("VAEDecode", (x4, 640), None, {"samples": dps.out("LATENT"), "vae": ckpt.out("VAE")})
+        dec_rs = b.node("VAEDecode", (x4, 1160), None, {"samples": rs.out("LATENT"), "vae": ckpt.out("VAE")})
+        left = b.node("ImageStitch", (x4, 200), stitch, {"image1": photo.out("IMAGE"),
+                                                          "image2": applied.out("upsampled")},
+                      title="original | degraded")
+        both = b.node("ImageStitch", (x4, 400), stitch, {"image1": left.out(), "image2": dec.out()},
+                      title="+ SILO")
+        plus_dps = b.node("ImageStitch", (x4, 780), stitch, {"image1": both.out(), "image2": dec_dps.out()},
+                          title="+ Latent DPS")
+        plus_rs = b.node("ImageStitch", (x4, 1300), stitch, {"image1": plus_dps.out(), "image2": dec_rs.out()},
+                         title="original | degraded | SILO | Latent DPS | ReSample")
+        b.node("SaveImage", (x4 + 360, 80), {"filename_prefix": prefix}, {"images": plus_rs.out()}, size=(640, 360))
+        b.node("SaveImage", (x4 + 360, 480), {"filename_prefix": prefix + "_silo"}, {"images": dec.out()},
                size=(360, 360))
+        for i, (label, img) in enumerate((("SILO", dec), ("Latent DPS", dec_dps), ("ReSample", dec_rs))):
+            b.node("SILORestorationMetrics", (x4 + 760, 480 + 260 * i), None,
+                   {"image": img.out(), "reference": photo.out("IMAGE"), "measurement": enc.out("MEASUREMENT")},
+                   title=f"Metrics: {label}", size=(360, 240))
     else:
         b.node("SaveImage", (x4, 200), {"filename_prefix": prefix}, {"images": dec.out()}, size=(360, 380))
         side = b.node("ImageStitch", (x4 + 380, 80), {"direction": "right", "match_image_size": True,
@@ -115,8 +135,10 @@ def _restoration(b, title: str, deg_widgets: dict, operator_stem: str, eta: floa
     note = COMMON_NOTE.format(photo_hint=photo_hint, operator_stem=operator_stem, steps=STEPS, eta=eta)
     if compare:
         note = ("Degrade -> restore -> compare: load a CLEAN photo; Apply Degradation blurs it (plus noise 0.01) so "
-                "the original is known, SILO restores it, and the saved image shows original | degraded | restored "
-                "side by side.\n\n" + note.replace("the degraded photo" + photo_hint, "a clean photo"))
+                "the original is known. SILO and two baselines that need no operator but decode with the VAE "
+                "every step (Latent DPS, ReSample: much slower) restore it from the same measurement; the saved "
+                "image shows original | degraded | SILO | Latent DPS | ReSample and the Metrics nodes show PSNR, "
+                "SSIM and measurement consistency of each. Bypass (Ctrl+B) a baseline to skip it.\n\n" + note.replace("the degraded photo" + photo_hint, "a clean photo"))
     if extra:
         note += "\n\n" + extra
     b.note(note, (x0, 640), size=(800, 330), title=f"SILO: {title}")

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import gc
 
 import pytest
 import torch
+from support.memory import live_tensors
 
 pytestmark = pytest.mark.comfy
 
@@ -127,26 +127,6 @@ class _Sabotage(torch.nn.Module):
         return self.inner(z, sigma_y=sigma_y, mask=mask)
 
 
-def _live_tensors():
-    """(bytes of distinct live tensor storages, tensors that carry autograd state) in this process."""
-    gc.collect()
-    seen, total, graph = set(), 0, 0
-    for obj in gc.get_objects():
-        try:
-            if not torch.is_tensor(obj):
-                continue
-            if obj.grad_fn is not None or obj.grad is not None:
-                graph += 1
-            st = obj.untyped_storage()
-            key = (st.data_ptr(), obj.device)
-        except Exception:  # noqa: S112 - exotic tensors (meta, sparse) are not what we count
-            continue
-        if key not in seen:
-            seen.add(key)
-            total += st.nbytes()
-    return total, graph
-
-
 @pytest.mark.parametrize("failure", ["interrupt", "error", "oom"])
 def test_memory_is_returned_after_an_interrupt_or_an_error(comfy_host, sd15_small, tmp_path, failure):
     import comfy.model_management as mm
@@ -159,7 +139,7 @@ def test_memory_is_returned_after_an_interrupt_or_an_error(comfy_host, sd15_smal
                                        noise_sigma=0.01)
     op = _operator(comfy_host, SD15)
     _run(comfy_host, model, cond, latent, meas, op, steps=2, eta=1.0)  # warm-up: weights made differentiable once
-    before_bytes, before_graph = _live_tensors()
+    before_bytes, before_graph = live_tensors()
     patches_before = (dict(model.model_options.get("transformer_options", {})), len(model.patches))
 
     def oom():
@@ -178,7 +158,7 @@ def test_memory_is_returned_after_an_interrupt_or_an_error(comfy_host, sd15_smal
     assert sab.module.calls < 6, "the run stopped at the failure"
     assert not mm.processing_interrupted()
     del info, sab
-    after_bytes, after_graph = _live_tensors()
+    after_bytes, after_graph = live_tensors()
     assert after_graph == before_graph == 0, "no autograd graph or .grad survives the failed run"
     assert after_bytes - before_bytes < 64 * 1024, f"{after_bytes - before_bytes} bytes of tensors leaked"
     assert (dict(model.model_options.get("transformer_options", {})), len(model.patches)) == patches_before

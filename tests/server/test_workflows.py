@@ -116,8 +116,10 @@ def _prepare(api: dict, stem: str, base: Path, checkpoint: str) -> dict:
             inputs["ckpt_name"] = checkpoint
         elif cls == "LoadImage":
             inputs["image"] = image
-        elif cls == "SILOKSampler":
+        elif cls in ("SILOKSampler", "SILOLatentDPSKSampler"):
             inputs["steps"] = 2
+        elif cls == "SILOReSampleKSampler":
+            inputs.update(steps=4, consistency_every=1, latent_steps=3)
         elif cls == "KSampler":
             inputs["steps"] = 1
         elif cls == "EmptyLatentImage":
@@ -162,7 +164,10 @@ def test_shipped_workflow_runs_headlessly(path, comfy_server, object_info, opera
         with Image.open(base / "output" / img["subfolder"] / img["filename"]) as im:
             sizes.append(im.size)
     if path.stem == "silo_degrade_restore_compare":
-        assert sorted(sizes) == sorted([(64, 64), (64 * 3 + 2 * 8, 64)]), sizes  # original | degraded | restored
+        # original | degraded | SILO | Latent DPS | ReSample, and SILO alone
+        assert sorted(sizes) == sorted([(64, 64), (64 * 5 + 4 * 8, 64)]), sizes
+        metrics = [i for i, n in api.items() if n["class_type"] == "SILORestorationMetrics"]
+        assert len(metrics) == 3 and all("PSNR" in "".join(outputs[i]["text"]) for i in metrics)
     else:
         assert sizes == [expect["size"]], sizes
     ks_id = next(i for i, n in api.items() if n["class_type"] == "SILOKSampler")

@@ -1,0 +1,115 @@
+"""Restoration Metrics and Pixel Uncertainty nodes: glue around ``operators.metrics``."""
+
+from __future__ import annotations
+
+import math
+
+from comfy_api.latest import io, ui
+
+from ..operators.metrics import lpips_status, measurement_consistency, pixel_uncertainty, psnr, ssim
+from .common import CATEGORY, Measurement, SiloInputError, bchw_to_image, image_to_bchw
+
+
+def _fmt(v: float, unit: str = "") -> str:
+    return "inf" if math.isinf(v) else f"{v:.4f}{unit}"
+
+
+class RestorationMetrics(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SILORestorationMetrics",
+            display_name="Restoration Metrics",
+            category=CATEGORY,
+            description=("Scores a restoration: PSNR and SSIM against a reference (the clean original, when you "
+                         "have it) and measurement consistency ‖A(x̂) − y‖ against the degraded photo, next to its "
+                         "noise floor. LPIPS is reported only when its weights are installed locally."),
+            is_output_node=True,
+            inputs=[
+                io.Image.Input("image", tooltip="The restored image(s)."),
+                io.Image.Input("reference", optional=True, tooltip="The clean original (e.g. the photo fed to Apply "
+                                                                   "Degradation), same size as the restoration."),
+                Measurement.Input("measurement", optional=True,
+                                  tooltip="From Encode Measurement: checks how well the restoration explains the "
+                                          "degraded photo."),
+            ],
+            outputs=[
+                io.Float.Output("psnr", display_name="psnr", tooltip="Mean PSNR in dB (NaN without a reference)."),
+                io.Float.Output("ssim", display_name="ssim", tooltip="Mean SSIM (NaN without a reference)."),
+                io.Float.Output("consistency", display_name="consistency",
+                                tooltip="Mean RMSE of A(x̂) − y on the 0-1 scale (NaN without a measurement); the "
+                                        "measurement noise σ is the floor a perfect restoration reaches."),
+                io.String.Output("report", display_name="report", tooltip="All of it as text."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, image, reference=None, measurement=None) -> io.NodeOutput:
+        node = "Restoration Metrics"
+        if reference is None and measurement is None:
+            raise SiloInputError(node, "reference", "nothing to compare with.",
+                                 "Connect a reference image (the clean original) and/or the MEASUREMENT.")
+        x = image_to_bchw(image, node)
+        lines, p_mean, s_mean, c_mean = [], math.nan, math.nan, math.nan
+        if reference is not None:
+            ref = image_to_bchw(reference, node, "reference")
+            if ref.shape[-2:] != x.shape[-2:] or ref.shape[0] not in (1, x.shape[0]):
+                raise SiloInputError(node, "reference", f"the reference is {ref.shape[-1]}x{ref.shape[-2]} (batch "
+                                     f"{ref.shape[0]}) but the image is {x.shape[-1]}x{x.shape[-2]} (batch "
+                                     f"{x.shape[0]}).", "Compare images of the same size (and one reference or one "
+                                     "per image).")
+            p = psnr(x, ref.to(x.device)).tolist()
+            s = ssim(x, ref.to(x.device)).tolist() if min(x.shape[-2:]) >= 11 else [math.nan] * len(p)
+            p_mean, s_mean = sum(p) / len(p), sum(s) / len(s)
+            for i, (pi, si) in enumerate(zip(p, s, strict=True)):
+                lines.append(f"image {i}: PSNR {_fmt(pi, ' dB')}, SSIM {_fmt(si)}")
+            lines.append(f"LPIPS: {lpips_status()}")
+        if measurement is not None:
+            try:
+                c = measurement_consistency(x, measurement.pixels.to(x.device), measurement.degradation,
+                                            noise_sigma=measurement.noise_sigma)
+            except ValueError as e:
+                raise SiloInputError(node, "measurement", str(e),
+                                     "Score the restoration made from this measurement, at its full size.") from None
+            rmse = c["rmse"].tolist()
+            c_mean = sum(rmse) / len(rmse)
+            lines.append(f"consistency ‖A(x̂) − y‖: RMSE {', '.join(f'{r:.4f}' for r in rmse)} "
+                         f"(noise floor σ = {measurement.noise_sigma:.4f})")
+        text = "\n".join(lines)
+        return io.NodeOutput(p_mean, s_mean, c_mean, text, ui=ui.PreviewText(text))
+
+
+class PixelUncertainty(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SILOPixelUncertainty",
+            display_name="Pixel Uncertainty",
+            category=CATEGORY,
+            description=("Pixel-wise uncertainty of a restoration (DiracDiffusion): give it several restorations of "
+                         "the same photo — e.g. Repeat Latent Batch → SILO KSampler → VAE Decode, every batch "
+                         "element gets its own noise — and get their mean, a heat map of the per-pixel standard "
+                         "deviation (bright = the solver is unsure there) and the samples."),
+            inputs=[io.Image.Input("samples", tooltip="At least 2 restorations of one measurement, as a batch.")],
+            outputs=[
+                io.Image.Output("mean", display_name="mean", tooltip="Pixel-wise mean (an MMSE-like estimate)."),
+                io.Image.Output("uncertainty", display_name="uncertainty",
+                                tooltip="Heat map of the per-pixel standard deviation (black 0 → white max)."),
+                io.Mask.Output("std", display_name="std", tooltip="The per-pixel standard deviation itself "
+                                                                  "(0-1 scale), as a MASK."),
+                io.Image.Output("samples_out", display_name="samples", tooltip="The individual restorations."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, samples) -> io.NodeOutput:
+        node = "Pixel Uncertainty"
+        x = image_to_bchw(samples, node, "samples")
+        if x.shape[0] < 2:
+            raise SiloInputError(node, "samples", f"got {x.shape[0]} image; uncertainty needs at least 2 "
+                                 "restorations of the same photo.", "Use Repeat Latent Batch (e.g. 8) before the "
+                                 "sampler, or batch several runs with Batch Images.")
+        out = pixel_uncertainty(x)
+        text = f"{x.shape[0]} samples; mean per-pixel std {out['mean_std']:.4f} (max {float(out['std_gray'].max()):.4f})"
+        return io.NodeOutput(bchw_to_image(out["mean"]), bchw_to_image(out["heatmap"]), out["std_gray"][:, 0],
+                             samples, ui=ui.PreviewText(text))

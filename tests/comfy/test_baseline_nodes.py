@@ -1,0 +1,98 @@
+"""In-process tier: Latent DPS / PSLD KSampler and ReSample KSampler with the random SD1.5 checkpoint."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from support.memory import live_tensors
+
+pytestmark = pytest.mark.comfy
+
+DEG = dict(type="gaussian_blur", blur_kernel_size=9, blur_sigma=2.0, sr_factor=4, box_top=0, box_left=0,
+           box_height=8, box_width=8, random_box_size=16, random_box_seed=0, jpeg_quality=10)
+COMMON = dict(seed=0, steps=4, cfg=1.0, scheduler="normal", denoise=1.0)
+
+
+@pytest.fixture(scope="module")
+def setup(comfy_host, sd15_small):
+    model, clip, vae = sd15_small
+    (cond,) = comfy_host.run_node("CLIPTextEncode", text="a photo", clip=clip)
+    (deg,) = comfy_host.run_node("SILODegradation", **DEG)
+    photo = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(3))
+    measured, _ = comfy_host.run_node("SILOApplyDegradation", image=photo, degradation=deg, noise_sigma=0.01, seed=0)
+    meas, latent = comfy_host.run_node("SILOEncodeMeasurement", image=measured, vae=vae, degradation=deg,
+                                       noise_sigma=0.01)
+    return model, cond, vae, meas, latent
+
+
+def _pixel_error(comfy_host, vae, meas, samples):
+    (img,) = comfy_host.run_node("VAEDecode", samples=samples, vae=vae)
+    with torch.no_grad():
+        return float((meas.degradation(img.permute(0, 3, 1, 2).float()) - meas.pixels).norm())
+
+
+def _dps(comfy_host, setup, **kw):
+    model, cond, vae, meas, latent = setup
+    args = dict(model=model, positive=cond, negative=cond, latent_image=latent, measurement=meas, vae=vae, eta=1.0,
+                gluing=0.0, update="ddpm", gradient="unet", grad_clamp=0.0, early_stop=-1, **COMMON)
+    args.update(kw)
+    return comfy_host.run_node("SILOLatentDPSKSampler", **args)
+
+
+def _resample(comfy_host, setup, **kw):
+    model, cond, vae, meas, latent = setup
+    args = dict(model=model, positive=cond, negative=cond, latent_image=latent, measurement=meas, vae=vae,
+                consistency_every=1, latent_steps=30, lr=0.05, tolerance=1e-4, gamma=40.0, dps_eta=0.0,
+                early_stop=-1, **COMMON)
+    args.update(kw)
+    return comfy_host.run_node("SILOReSampleKSampler", **args)
+
+
+def test_latent_dps_and_psld_reduce_the_pixel_error(comfy_host, setup):
+    _model, _cond, vae, meas, _latent = setup
+    plain, _ = _dps(comfy_host, setup, eta=0.0)
+    err_plain = _pixel_error(comfy_host, vae, meas, plain)
+    # a random VAE is far from E(D(z)) = z, so PSLD's gluing term is large here: a small γ keeps it in check
+    settings = {"Latent-DPS": dict(eta=20.0, gluing=0.0), "PSLD": dict(eta=20.0, gluing=0.01)}
+    for name, kw in settings.items():
+        for mode in ("unet", "x0"):
+            out, trace = _dps(comfy_host, setup, gradient=mode, **kw)
+            assert len(trace) == 4 and trace[-1]["loss"][0] < trace[0]["loss"][0], (name, mode)
+            limit = 0.9 if name == "Latent-DPS" else 0.95  # the gluing term pulls elsewhere with a random VAE
+            assert _pixel_error(comfy_host, vae, meas, out) < limit * err_plain, (name, mode)
+            assert ("extra_loss" in trace[0]) == (name == "PSLD")
+    assert "‖y − A(D(ẑ₀))‖" in comfy_host.last_ui["text"][0]
+
+
+def test_resample_reduces_the_pixel_error(comfy_host, setup):
+    _model, _cond, vae, meas, _latent = setup
+    plain, _ = _resample(comfy_host, setup, consistency_every=0)
+    out, trace = _resample(comfy_host, setup)
+    assert any(t.get("consistency") for t in trace)
+    assert _pixel_error(comfy_host, vae, meas, out) < 0.7 * _pixel_error(comfy_host, vae, meas, plain)
+
+
+def test_baselines_leave_no_memory_behind(comfy_host, setup):
+    _dps(comfy_host, setup, steps=2)  # warm-up: weights made differentiable once
+    _resample(comfy_host, setup, steps=2, latent_steps=3)
+    before = live_tensors()
+    _dps(comfy_host, setup, steps=2, gluing=0.1)
+    _resample(comfy_host, setup, steps=2, latent_steps=3)
+    after = live_tensors()
+    assert after[1] == before[1] == 0, "no autograd graph survives"
+    assert after[0] - before[0] < 64 * 1024, f"{after[0] - before[0]} bytes of tensors leaked"
+
+
+def test_baselines_explain_what_the_measurement_lacks(comfy_host, setup, sd15_small):
+    model, cond, vae, meas, latent = setup
+    with pytest.raises(ValueError, match=r"Latent DPS / PSLD KSampler.*'measurement'.*Encode Measurement"):
+        _dps(comfy_host, setup, measurement=None)
+    small = {"samples": torch.zeros(1, 4, 4, 4)}
+    with pytest.raises(ValueError, match=r"ReSample KSampler.*'latent_image'.*32x32.*64x64"):
+        _resample(comfy_host, setup, latent_image=small)
+    (jpeg,) = comfy_host.run_node("SILODegradation", **dict(DEG, type="jpeg"))
+    photo = torch.rand(1, 64, 64, 3)
+    jmeas, jlatent = comfy_host.run_node("SILOEncodeMeasurement", image=photo, vae=vae, degradation=jpeg,
+                                         noise_sigma=0.01)
+    with pytest.raises(ValueError, match=r"'gluing'.*linear.*Latent-DPS"):
+        _dps(comfy_host, setup, measurement=jmeas, latent_image=jlatent, gluing=0.1)
