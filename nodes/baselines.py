@@ -149,6 +149,9 @@ def _resample_inputs():
                        tooltip="Stop optimising once the measurement error falls below this."),
         io.Float.Input("gamma", default=40.0, min=0.0, max=1000.0, step=0.5,
                        tooltip="ReSample's γ: variance of the stochastic resampling (the paper: 40)."),
+        io.Combo.Input("variance", options=["paper", "reference"], default="paper",
+                       tooltip="Resampling variance: 'paper' σ² = γ(1−ᾱ_{t−1})/ᾱ_t·(1−ᾱ_t/ᾱ_{t−1}); 'reference' = γ × "
+                               "the DDPM posterior variance, as the authors' public code computes it."),
         io.Float.Input("dps_eta", default=0.0, min=0.0, max=50.0, step=0.05,
                        tooltip="DPS guidance between consistency steps (0 = plain DDIM, as ReSample's default)."),
         io.Int.Input("early_stop", default=-1, min=-1, max=10000,
@@ -156,9 +159,9 @@ def _resample_inputs():
     ]
 
 
-def _resample_options(consistency_every, latent_steps, lr, tolerance, gamma, dps_eta, early_stop) -> dict:
+def _resample_options(consistency_every, latent_steps, lr, tolerance, gamma, variance, dps_eta, early_stop) -> dict:
     return {"consistency_every": int(consistency_every), "latent_steps": int(latent_steps), "lr": float(lr),
-            "tolerance": float(tolerance), "gamma": float(gamma), "dps_eta": float(dps_eta),
+            "tolerance": float(tolerance), "gamma": float(gamma), "variance": variance, "dps_eta": float(dps_eta),
             "early_stop": None if early_stop < 0 else int(early_stop)}
 
 
@@ -206,10 +209,11 @@ class ReSampleKSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, seed, steps, cfg, scheduler, positive, negative, latent_image, denoise, measurement, vae,
-                consistency_every, latent_steps, lr, tolerance, gamma, dps_eta, early_stop) -> io.NodeOutput:
+                consistency_every, latent_steps, lr, tolerance, gamma, variance, dps_eta, early_stop) -> io.NodeOutput:
         sampler, trace = build_pixel_sampler(
             "resample", model, vae, measurement,
-            **_resample_options(consistency_every, latent_steps, lr, tolerance, gamma, dps_eta, early_stop))
+            **_resample_options(consistency_every, latent_steps, lr, tolerance, gamma, variance, dps_eta,
+                                early_stop))
         out = run_guided_ksampler(model, sampler, seed, steps, cfg, scheduler, positive, negative, latent_image,
                                   denoise)
         return io.NodeOutput(out, trace, ui=ui.PreviewText(trace_text(trace, "‖y − A(D(ẑ₀))‖")))
@@ -248,9 +252,10 @@ class ReSampleSampler(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, measurement, vae, consistency_every, latent_steps, lr, tolerance, gamma, dps_eta,
-                early_stop) -> io.NodeOutput:
+    def execute(cls, model, measurement, vae, consistency_every, latent_steps, lr, tolerance, gamma, variance,
+                dps_eta, early_stop) -> io.NodeOutput:
         sampler, _ = build_pixel_sampler(
             "resample", model, vae, measurement,
-            **_resample_options(consistency_every, latent_steps, lr, tolerance, gamma, dps_eta, early_stop))
+            **_resample_options(consistency_every, latent_steps, lr, tolerance, gamma, variance, dps_eta,
+                                early_stop))
         return io.NodeOutput(sampler)

@@ -107,7 +107,7 @@ def _restoration(b, title: str, deg_widgets: dict, operator_stem: str, eta: floa
         rs = b.node("SILOReSampleKSampler", (x3, 1160),
                     {"seed": 0, "steps": STEPS, "cfg": 1.0, "scheduler": "normal", "denoise": 1.0,
                      "consistency_every": 10, "latent_steps": 500, "lr": 5e-3, "tolerance": 1e-3, "gamma": 40.0,
-                     "dps_eta": 0.0, "early_stop": -1}, common, title="ReSample (baseline)", size=(360, 480))
+                     "variance": "paper", "dps_eta": 0.0, "early_stop": -1}, common, title="ReSample (baseline)", size=(360, 480))
         dec_dps = b.node("VAEDecode", (x4, 640), None, {"samples": dps.out("LATENT"), "vae": ckpt.out("VAE")})
         dec_rs = b.node("VAEDecode", (x4, 1160), None, {"samples": rs.out("LATENT"), "vae": ckpt.out("VAE")})
         left = b.node("ImageStitch", (x4, 200), stitch, {"image1": photo.out("IMAGE"),

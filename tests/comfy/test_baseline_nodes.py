@@ -42,7 +42,7 @@ def _dps(comfy_host, setup, **kw):
 def _resample(comfy_host, setup, **kw):
     model, cond, vae, meas, latent = setup
     args = dict(model=model, positive=cond, negative=cond, latent_image=latent, measurement=meas, vae=vae,
-                consistency_every=1, latent_steps=30, lr=0.05, tolerance=1e-4, gamma=40.0, dps_eta=0.0,
+                consistency_every=1, latent_steps=30, lr=0.05, tolerance=1e-4, gamma=40.0, variance="paper", dps_eta=0.0,
                 early_stop=-1, **COMMON)
     args.update(kw)
     return comfy_host.run_node("SILOReSampleKSampler", **args)
@@ -67,9 +67,11 @@ def test_latent_dps_and_psld_reduce_the_pixel_error(comfy_host, setup):
 def test_resample_reduces_the_pixel_error(comfy_host, setup):
     _model, _cond, vae, meas, _latent = setup
     plain, _ = _resample(comfy_host, setup, consistency_every=0)
-    out, trace = _resample(comfy_host, setup)
-    assert any(t.get("consistency") for t in trace)
-    assert _pixel_error(comfy_host, vae, meas, out) < 0.7 * _pixel_error(comfy_host, vae, meas, plain)
+    err_plain = _pixel_error(comfy_host, vae, meas, plain)
+    for variance in ("paper", "reference"):
+        out, trace = _resample(comfy_host, setup, variance=variance)
+        assert any(t.get("consistency") for t in trace)
+        assert _pixel_error(comfy_host, vae, meas, out) < 0.7 * err_plain, variance
 
 
 def test_baselines_leave_no_memory_behind(comfy_host, setup):
