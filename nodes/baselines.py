@@ -52,9 +52,10 @@ def pixel_guided_sampler_function(model, x, sigmas, extra_args=None, callback=No
             raise SiloInputError(node, "vae", str(e), "Connect the checkpoint's image VAE.") from None
         degradation = meas.degradation.to(dev)
         y = meas.pixels.to(dev, torch.float32).clone()
-        uses_unet_grad = (solver == "latent_dps" and options.get("gradient", "unet") == "unet"
-                          and float(options.get("eta", 0.0)) > 0) or (solver == "resample"
-                                                                      and float(options.get("dps_eta", 0.0)) > 0)
+        if solver == "latent_dps":
+            uses_unet_grad = options.get("gradient", "unet") == "unet" and float(options.get("eta", 0.0)) > 0
+        else:  # ReSample back-propagates through the UNet only for its optional DPS steps
+            uses_unet_grad = float(options.get("dps_eta", 0.0)) > 0
         if uses_unet_grad:
             unet = _diffusion_model(model)
             if unet is not None:
@@ -67,11 +68,8 @@ def pixel_guided_sampler_function(model, x, sigmas, extra_args=None, callback=No
         if solver == "resample":
             options["encoder"] = encode
 
-    def decoder(z):
-        return decode(z)
-
     return guarded_sample(fn, model, x, sigmas, extra_args, callback, disable, measurement=y,
-                          degradation=degradation, decoder=decoder, **options).to(dtype)
+                          degradation=degradation, decoder=decode, **options).to(dtype)
 
 
 def build_pixel_sampler(solver: str, model, vae, measurement, **opts):

@@ -79,7 +79,7 @@ from typing import Any
 
 import torch
 
-from .silo import _normal_tensor, _per_batch_l2
+from .silo import _normal_tensor, _per_batch_l2, guided_estimate, plain_estimate
 from .steps import euler_step, make_noise_sampler
 
 try:  # progress bar like ComfyUI's samplers; optional
@@ -534,7 +534,14 @@ def sample_resample(
     if noise_sampler is None and schedule:
         noise_sampler = make_noise_sampler(x, seed=extra_args.get("seed", None))
     s_in = x.new_ones([x.shape[0]])
-    shapes_checked = False
+    checked: list[bool] = []
+
+    def measure(z0: torch.Tensor) -> torch.Tensor:
+        h = degradation(decoder(z0), **deg_kwargs)
+        if not checked:
+            _check_shapes(y, h)
+            checked.append(True)
+        return _per_batch_l2(y, h)
     entry: dict | None = None
 
     steps = _trange(n_steps, disable=disable) if _trange is not None else range(n_steps)
@@ -547,33 +554,10 @@ def sample_resample(
         g_z = None
 
         if guided:
-            with torch.inference_mode(False), torch.enable_grad():
-                x_in = _normal_tensor(x).requires_grad_(True)
-                den_g = model(x_in, _normal_tensor(sigma * s_in), **extra_args)
-                h = degradation(decoder(den_g), **deg_kwargs)
-                if not shapes_checked:
-                    _check_shapes(y, h)
-                    shapes_checked = True
-                loss = _per_batch_l2(y, h)
-                (grad,) = torch.autograd.grad(loss.sum(), x_in)
-                del h
-            denoised = den_g.detach()
-            loss = loss.detach()
-            del den_g, x_in
-            with torch.no_grad():
-                g_z = grad.to(x.dtype) * math.sqrt(1.0 + sigma_f * sigma_f)
-            del grad
+            denoised, loss, _extra, g_z = guided_estimate(model, x, sigma, s_in, extra_args, measure)
         else:
-            with torch.no_grad():
-                denoised = model(x, sigma * s_in, **extra_args)
-                loss = None
-                if report or not shapes_checked:
-                    h = degradation(decoder(denoised), **deg_kwargs)
-                    if not shapes_checked:
-                        _check_shapes(y, h)
-                        shapes_checked = True
-                    loss = _per_batch_l2(y, h)
-                    del h
+            denoised, loss = plain_estimate(model, x, sigma, s_in, extra_args, measure,
+                                            need_loss=report or not checked)
 
         entry = None
         if trace is not None:

@@ -160,6 +160,49 @@ def _check_extra(extra, loss: torch.Tensor) -> torch.Tensor:
     return extra.to(device=loss.device, dtype=loss.dtype)
 
 
+def guided_estimate(model, x, sigma, s_in, extra_args, measure, *, gradient="unet", extra_loss=None):
+    """One guided model evaluation, shared by the guided samplers.
+
+    Returns ``(z0_hat, loss, extra, g_vp)``: the detached denoised estimate, the per-batch ``measure(z0_hat)``, the
+    per-batch ``extra_loss(z0_hat)`` (None without one) and the gradient of their sum — w.r.t. ``x`` through the
+    model (``gradient="unet"``) or at ``z0_hat`` (``"x0"``) — scaled to VP space by ``sqrt(1 + sigma**2)``.
+    """
+    sigma_f = float(sigma)
+    extra = None
+    if gradient == "x0":  # plain forward in the caller's mode (no graph, no copy of x)
+        with torch.no_grad():
+            denoised_ng = model(x, sigma * s_in, **extra_args)
+    with torch.inference_mode(False), torch.enable_grad():
+        if gradient == "unet":
+            x_in = _normal_tensor(x).requires_grad_(True)
+            denoised_g = model(x_in, _normal_tensor(sigma * s_in), **extra_args)
+            target = x_in
+        else:
+            denoised_g = _normal_tensor(denoised_ng).requires_grad_(True)
+            del denoised_ng
+            target = denoised_g
+        loss = measure(denoised_g)
+        if extra_loss is None:
+            (grad,) = torch.autograd.grad(loss.sum(), target)
+        else:
+            extra = _check_extra(extra_loss(denoised_g), loss)
+            (grad,) = torch.autograd.grad((loss + extra).sum(), target)
+            extra = extra.detach()
+    denoised = denoised_g.detach()
+    loss = loss.detach()
+    del denoised_g, target
+    with torch.no_grad():
+        g_z = grad.to(x.dtype) * math.sqrt(1.0 + sigma_f * sigma_f)
+    return denoised, loss, extra, g_z
+
+
+def plain_estimate(model, x, sigma, s_in, extra_args, measure, need_loss: bool):
+    """An unguided model evaluation: ``(z0_hat, measure(z0_hat) or None)``, no graph."""
+    with torch.no_grad():
+        denoised = model(x, sigma * s_in, **extra_args)
+        return denoised, (measure(denoised) if need_loss else None)
+
+
 def sample_silo(
     model,
     x: torch.Tensor,
@@ -257,7 +300,14 @@ def sample_silo(
     if noise_sampler is None and update in STOCHASTIC_UPDATES:
         noise_sampler = make_noise_sampler(x, seed=extra_args.get("seed", None))
     s_in = x.new_ones([x.shape[0]])
-    shapes_checked = False
+    checked: list[bool] = []
+
+    def measure(z0: torch.Tensor) -> torch.Tensor:
+        h = operator(z0, **op_kwargs)
+        if not checked:
+            _check_shapes(w, h)
+            checked.append(True)
+        return _per_batch_l2(w, h)
 
     steps = _trange(n_steps, disable=disable) if _trange is not None else range(n_steps)
     for i in steps:
@@ -270,48 +320,13 @@ def sample_silo(
         extra = None
 
         if guided:
-            if gradient == "x0":  # plain forward in the caller's mode (no graph, no copy of x)
-                with torch.no_grad():
-                    denoised_ng = model(x, sigma * s_in, **extra_args)
-            with torch.inference_mode(False), torch.enable_grad():
-                if gradient == "unet":
-                    x_in = _normal_tensor(x).requires_grad_(True)
-                    denoised_g = model(x_in, _normal_tensor(sigma * s_in), **extra_args)
-                    target = x_in
-                else:
-                    denoised_g = _normal_tensor(denoised_ng).requires_grad_(True)
-                    del denoised_ng
-                    target = denoised_g
-                h = operator(denoised_g, **op_kwargs)
-                if not shapes_checked:
-                    _check_shapes(w, h)
-                    shapes_checked = True
-                loss = _per_batch_l2(w, h)
-                del h
-                if extra_loss is None:
-                    (grad,) = torch.autograd.grad(loss.sum(), target)
-                else:
-                    extra = _check_extra(extra_loss(denoised_g), loss)
-                    (grad,) = torch.autograd.grad((loss + extra).sum(), target)
-                    extra = extra.detach()
-            denoised = denoised_g.detach()
-            loss = loss.detach()
-            del denoised_g, target
-            with torch.no_grad():
-                g_z = grad.to(x.dtype) * math.sqrt(1.0 + sigma_f * sigma_f)
-            del grad
+            denoised, loss, extra, g_z = guided_estimate(model, x, sigma, s_in, extra_args, measure,
+                                                         gradient=gradient, extra_loss=extra_loss)
         else:
-            with torch.no_grad():
-                denoised = model(x, sigma * s_in, **extra_args)
-                loss = None
-                if report or not shapes_checked:
-                    h = operator(denoised, **op_kwargs)
-                    if not shapes_checked:
-                        _check_shapes(w, h)
-                        shapes_checked = True
-                    loss = _per_batch_l2(w, h)
-                    del h
-                if extra_loss is not None and trace is not None:
+            denoised, loss = plain_estimate(model, x, sigma, s_in, extra_args, measure,
+                                            need_loss=report or not checked)
+            if extra_loss is not None and trace is not None:
+                with torch.no_grad():
                     extra = _check_extra(extra_loss(denoised), loss)
 
         if trace is not None:
