@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import math
 import os
 import platform
 import subprocess
@@ -35,23 +34,12 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import emit
+from benchmarks.common import emit, smooth_photo
 
 ROOT = Path(__file__).resolve().parents[1]
 SD15 = {"name": "SD15", "latent_channels": 4, "scale_factor": 0.18215, "shift_factor": 0.0, "downscale": 8}
 DEGRADATION = dict(type="gaussian_blur", blur_kernel_size=61, blur_sigma=3.0, sr_factor=4, box_top=0, box_left=0,
                    box_height=8, box_width=8, random_box_size=16, random_box_seed=0, jpeg_quality=10)
-
-
-def smooth_photo(size: int) -> torch.Tensor:
-    """A deterministic smooth synthetic image [1,size,size,3] in [0,1]: gradients, waves and two soft discs."""
-    y, x = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
-    disc1 = torch.sigmoid((0.18 - ((x - 0.35) ** 2 + (y - 0.4) ** 2).sqrt()) * 40)
-    disc2 = torch.sigmoid((0.12 - ((x - 0.7) ** 2 + (y - 0.65) ** 2).sqrt()) * 40)
-    r = 0.3 + 0.3 * x + 0.15 * torch.sin(2 * math.pi * 3 * y) + 0.3 * disc1
-    g = 0.25 + 0.35 * y + 0.1 * torch.cos(2 * math.pi * 2 * (x + y)) + 0.25 * disc2
-    b = 0.5 + 0.2 * torch.sin(2 * math.pi * 1.5 * x) * torch.cos(2 * math.pi * y) - 0.2 * disc1 + 0.2 * disc2
-    return torch.stack([r, g, b], dim=-1).clamp(0, 1)[None]
 
 
 def main(argv=None) -> int:
@@ -121,8 +109,8 @@ def run(args, host, ckpt: Path) -> int:
         ("SILO KSampler, gradient x0", "SILOKSampler", dict(silo, gradient="x0")),
     ]
     if args.baselines:  # issue 5: the pixel-space solvers on the same measurement, checkpoint and steps
-        dps = dict(measurement=meas, vae=vae, eta=1.0, gluing=0.0, update="ddpm", gradient="unet", grad_clamp=0.0,
-                   early_stop=-1)
+        dps = dict(measurement=meas, vae=vae, eta=1.0, gluing=0.0, gluing_norm="squared", update="ddpm",
+                   gradient="unet", grad_clamp=0.0, early_stop=-1)
         configs += [
             ("Latent DPS KSampler", "SILOLatentDPSKSampler", dps),
             ("PSLD (Latent DPS KSampler, gluing 0.1)", "SILOLatentDPSKSampler", dict(dps, gluing=0.1)),

@@ -6,7 +6,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from .baselines import LatentDPSKSampler, LatentDPSSampler, ReSampleKSampler, ReSampleSampler
 from .degradation import ApplyDegradation, DegradationNode
-from .metrics import PixelUncertainty, RestorationMetrics
+from .metrics import PixelUncertainty, RestorationMetrics, RestoreSeeds
 from .operator_nodes import LatentOperatorLoader, TrainLatentOperator
 from .sampling import EncodeMeasurement, SiloKSampler, SiloSampler
 
@@ -24,6 +24,7 @@ NODES: list[type[io.ComfyNode]] = [
     ReSampleSampler,
     RestorationMetrics,
     PixelUncertainty,
+    RestoreSeeds,
 ]
 
 

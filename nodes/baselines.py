@@ -113,6 +113,9 @@ def _dps_inputs():
         io.Float.Input("gluing", default=0.0, min=0.0, max=10.0, step=0.01,
                        tooltip="PSLD's gluing weight γ on ‖ẑ₀ − E(Aᵀy + (I − AᵀA)D(ẑ₀))‖²; 0 = Latent-DPS. PSLD "
                                "used 0.1 with η 1. Linear degradations only (not JPEG)."),
+        io.Combo.Input("gluing_norm", options=["squared", "plain"], default="squared",
+                       tooltip="Gluing term as in PSLD's paper (squared norm) or its public code (plain norm: the "
+                               "pull has the same size whatever the mismatch, steadier with large γ)."),
         io.Combo.Input("update", options=["ddpm", "euler"], default="ddpm",
                        tooltip="ddpm: ancestral DDPM step (the papers). euler: deterministic DDIM step."),
         io.Combo.Input("gradient", options=["unet", "x0"], default="unet",
@@ -125,10 +128,11 @@ def _dps_inputs():
     ]
 
 
-def _dps_options(eta, gluing, update, gradient, grad_clamp, early_stop) -> dict:
+def _dps_options(eta, gluing, gluing_norm, update, gradient, grad_clamp, early_stop) -> dict:
     # the node's gluing is PSLD's γ (its loss is ω·‖y − A(D(ẑ₀))‖ + γ·glue); the core scales its gluing by η = ω
     core_gluing = float(gluing) / float(eta) if eta > 0 else 0.0
-    return {"eta": float(eta), "gluing": core_gluing, "update": update, "gradient": gradient,
+    return {"eta": float(eta), "gluing": core_gluing, "gluing_norm": gluing_norm, "update": update,
+            "gradient": gradient,
             "grad_clamp": None if grad_clamp <= 0 else float(grad_clamp),
             "early_stop": None if early_stop < 0 else int(early_stop)}
 
@@ -183,9 +187,10 @@ class LatentDPSKSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, seed, steps, cfg, scheduler, positive, negative, latent_image, denoise, measurement, vae,
-                eta, gluing, update, gradient, grad_clamp, early_stop) -> io.NodeOutput:
+                eta, gluing, gluing_norm, update, gradient, grad_clamp, early_stop) -> io.NodeOutput:
         sampler, trace = build_pixel_sampler("latent_dps", model, vae, measurement,
-                                             **_dps_options(eta, gluing, update, gradient, grad_clamp, early_stop))
+                                             **_dps_options(eta, gluing, gluing_norm, update, gradient, grad_clamp,
+                                                            early_stop))
         out = run_guided_ksampler(model, sampler, seed, steps, cfg, scheduler, positive, negative, latent_image,
                                   denoise)
         return io.NodeOutput(out, trace, ui=ui.PreviewText(trace_text(trace, "‖y − A(D(ẑ₀))‖")))
@@ -230,9 +235,11 @@ class LatentDPSSampler(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, measurement, vae, eta, gluing, update, gradient, grad_clamp, early_stop) -> io.NodeOutput:
+    def execute(cls, model, measurement, vae, eta, gluing, gluing_norm, update, gradient, grad_clamp,
+                early_stop) -> io.NodeOutput:
         sampler, _ = build_pixel_sampler("latent_dps", model, vae, measurement,
-                                         **_dps_options(eta, gluing, update, gradient, grad_clamp, early_stop))
+                                         **_dps_options(eta, gluing, gluing_norm, update, gradient, grad_clamp,
+                                                        early_stop))
         return io.NodeOutput(sampler)
 
 

@@ -79,6 +79,16 @@ class RestorationMetrics(io.ComfyNode):
         return io.NodeOutput(p_mean, s_mean, c_mean, text, ui=ui.PreviewText(text))
 
 
+def _uncertainty_outputs() -> list:
+    return [
+        io.Image.Output("mean", display_name="mean", tooltip="Pixel-wise mean (an MMSE-like estimate)."),
+        io.Image.Output("uncertainty", display_name="uncertainty",
+                        tooltip="Heat map of the per-pixel standard deviation (black 0 → white max)."),
+        io.Mask.Output("std", display_name="std", tooltip="The per-pixel standard deviation itself (0-1 scale), as a "
+                                                          "MASK."),
+    ]
+
+
 class PixelUncertainty(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -91,14 +101,8 @@ class PixelUncertainty(io.ComfyNode):
                          "element gets its own noise — and get their mean, a heat map of the per-pixel standard "
                          "deviation (bright = the solver is unsure there) and the samples."),
             inputs=[io.Image.Input("samples", tooltip="At least 2 restorations of one measurement, as a batch.")],
-            outputs=[
-                io.Image.Output("mean", display_name="mean", tooltip="Pixel-wise mean (an MMSE-like estimate)."),
-                io.Image.Output("uncertainty", display_name="uncertainty",
-                                tooltip="Heat map of the per-pixel standard deviation (black 0 → white max)."),
-                io.Mask.Output("std", display_name="std", tooltip="The per-pixel standard deviation itself "
-                                                                  "(0-1 scale), as a MASK."),
-                io.Image.Output("samples_out", display_name="samples", tooltip="The individual restorations."),
-            ],
+            outputs=[*_uncertainty_outputs(),
+                     io.Image.Output("samples_out", display_name="samples", tooltip="The individual restorations.")],
         )
 
     @classmethod
@@ -113,3 +117,64 @@ class PixelUncertainty(io.ComfyNode):
         text = f"{x.shape[0]} samples; mean per-pixel std {out['mean_std']:.4f} (max {float(out['std_gray'].max()):.4f})"
         return io.NodeOutput(bchw_to_image(out["mean"]), bchw_to_image(out["heatmap"]), out["std_gray"][:, 0],
                              samples, ui=ui.PreviewText(text))
+
+
+class RestoreSeeds(io.ComfyNode):
+    """Run one solver for N seeds and report the pixel-wise mean, uncertainty and every sample (DiracDiffusion)."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SILORestoreSeeds",
+            display_name="Restore with N Seeds (uncertainty)",
+            category=CATEGORY,
+            description=("Runs the sampler you give it (SILO Sampler, Latent DPS / PSLD Sampler, ReSample Sampler or "
+                         "any core sampler) once per seed — noise_seed, noise_seed+1, ... — exactly as "
+                         "SamplerCustomAdvanced would, decodes each result and returns the pixel-wise mean, a heat "
+                         "map of the per-pixel standard deviation (bright = the solver is unsure there) and the "
+                         "samples. One sample is in memory at a time while sampling, so it fits wherever a single "
+                         "restoration fits."),
+            inputs=[
+                io.Guider.Input("guider", tooltip="Basic Guider (CFG 1, as in the paper) or CFG Guider with the "
+                                                  "checkpoint's model."),
+                io.Sampler.Input("sampler", tooltip="The solver, e.g. SILO Sampler with its measurement and operator."),
+                io.Sigmas.Input("sigmas", tooltip="The noise schedule, e.g. Basic Scheduler."),
+                io.Latent.Input("latent_image", tooltip="Where to start: Encode Measurement's latent_image (or an "
+                                                        "Empty Latent Image of the photo's size)."),
+                io.Vae.Input("vae", tooltip="Decodes every sample (the checkpoint's VAE)."),
+                io.Int.Input("noise_seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Seed of the first sample; sample i uses noise_seed + i."),
+                io.Int.Input("seeds", default=4, min=2, max=64,
+                             tooltip="How many restorations to draw (at least 2 for a standard deviation)."),
+            ],
+            outputs=[
+                *_uncertainty_outputs(),
+                io.Image.Output("samples", display_name="samples", tooltip="The individual restorations, in seed "
+                                                                           "order."),
+                io.Latent.Output("latents", display_name="latents", tooltip="The sampled latents, in seed order."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, guider, sampler, sigmas, latent_image, vae, noise_seed, seeds) -> io.NodeOutput:
+        import torch
+
+        from .sampling import sample_seeds
+
+        node = "Restore with N Seeds"
+        if latent_image["samples"].shape[0] != 1:
+            raise SiloInputError(node, "latent_image", f"got a batch of {latent_image['samples'].shape[0]} latents; "
+                                 "this node draws several restorations of ONE photo.",
+                                 "Pass a single latent (Encode Measurement's latent_image), not a Repeat Latent "
+                                 "Batch.")
+        latents = sample_seeds(guider, sampler, sigmas, latent_image, [noise_seed + i for i in range(seeds)])
+        images = torch.cat([vae.decode(z[None]) for z in latents]).float()
+        if images.ndim == 5:  # video VAEs return [B, T, H, W, C]
+            images = images.reshape(-1, *images.shape[-3:])
+        out = pixel_uncertainty(images.permute(0, 3, 1, 2))
+        text = (f"{seeds} seeds ({noise_seed}…{noise_seed + seeds - 1}); mean per-pixel std "
+                f"{out['mean_std']:.4f} (max {float(out['std_gray'].max()):.4f})")
+        latent_out = {k: v for k, v in latent_image.items() if k not in ("samples", "batch_index")}
+        latent_out["samples"] = latents
+        return io.NodeOutput(bchw_to_image(out["mean"]), bchw_to_image(out["heatmap"]), out["std_gray"][:, 0],
+                             images, latent_out, ui=ui.PreviewText(text))

@@ -242,6 +242,30 @@ def run_guided_ksampler(model, sampler, seed, steps, cfg, scheduler, positive, n
     return out
 
 
+def sample_seeds(guider, sampler, sigmas, latent_image, seeds: list[int]) -> torch.Tensor:
+    """Sample one latent per seed as SamplerCustomAdvanced does with that seed's noise; returns them stacked [N,...]
+    on the intermediate device. Only one sample is sampled at a time; the cache is emptied afterwards."""
+    import comfy.model_management as mm
+    import comfy.sample
+    import comfy.utils
+    import latent_preview
+
+    latent = comfy.sample.fix_empty_latent_channels(guider.model_patcher, latent_image["samples"])
+    out = []
+    try:
+        for seed in seeds:
+            interrupt_check()
+            noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
+            callback = latent_preview.prepare_callback(guider.model_patcher, sigmas.shape[-1] - 1, {})
+            z = guider.sample(noise, latent, sampler, sigmas, denoise_mask=latent_image.get("noise_mask"),
+                              callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+            out.append(z.to(mm.intermediate_device()))
+    finally:
+        with contextlib.suppress(Exception):
+            mm.soft_empty_cache()
+    return torch.cat(out)
+
+
 def trace_text(trace: list, what: str = "‖w − H(ẑ₀)‖") -> str:
     if not trace:
         return "no guided steps"

@@ -15,8 +15,9 @@ duplicating its loop, and passes the gluing term through its ``extra_loss`` hook
 
 Relation to the PSLD reference code: there ``error = omega * ||y - A(D(z0))|| + gamma * glue`` and
 ``z_{t-1} = DDIM(z_t) - grad error`` with no clamp, so ``eta`` is PSLD's ``omega`` and PSLD's ``gamma``
-corresponds to ``eta * gluing`` here.  (The reference code uses the *plain* norm for the gluing term,
-the paper's Algorithm the squared one; this module follows the paper.)
+corresponds to ``eta * gluing`` here.  The paper's Algorithm squares the gluing norm, the reference code
+does not: ``gluing_norm="squared"`` (default, the paper) or ``"plain"`` (the code; its gradient has unit
+size whatever the residual, which behaves better with large weights).
 
 The gluing term needs a linear ``A`` with an adjoint: ``A^T y + (I - A^T A) D(z0_hat)`` replaces the
 measured part of the decoded image by the measurement; when ``D(z0_hat)`` already satisfies
@@ -33,7 +34,7 @@ import torch
 
 from .silo import SILO_OPTIONS, _normal_tensor, sample_silo
 
-__all__ = ["LATENT_DPS_OPTIONS", "psld_gluing_loss", "sample_latent_dps"]
+__all__ = ["GLUING_NORMS", "LATENT_DPS_OPTIONS", "psld_gluing_loss", "sample_latent_dps"]
 
 _PASSED_THROUGH = ("update", "gradient", "eta_schedule", "early_stop", "trace", "noise_sampler")
 
@@ -54,6 +55,10 @@ LATENT_DPS_OPTIONS: dict[str, dict[str, Any]] = {
     "gluing": {
         "default": 0.0,
         "doc": "Weight of PSLD's gluing term (PSLD's gamma / omega); 0 = Latent-DPS. Needs a linear degradation.",
+    },
+    "gluing_norm": {
+        "default": "squared",
+        "doc": "'squared' ||.||^2 gluing term (the paper's Algorithm) or 'plain' ||.|| (the reference code).",
     },
     **{k: dict(SILO_OPTIONS[k]) for k in _PASSED_THROUGH},
     "grad_clamp": {"default": None, "doc": "Element-wise clamp of the VP-space gradient. None = no clamp (DPS/PSLD)."},
@@ -83,8 +88,12 @@ def _batch_ok(shape: tuple, ref: tuple) -> bool:
     return shape == ref or (len(shape) == len(ref) >= 1 and shape[0] == 1 and shape[1:] == ref[1:])
 
 
-def _gluing(z0_hat, image, aty, linear, adj, encoder) -> torch.Tensor:
-    """Unweighted ``|| z0_hat - E(A^T y + image - A^T A image) ||_2^2`` per batch element -> ``[B]``."""
+GLUING_NORMS = ("squared", "plain")
+
+
+def _gluing(z0_hat, image, aty, linear, adj, encoder, norm: str = "squared") -> torch.Tensor:
+    """Unweighted ``|| z0_hat - E(A^T y + image - A^T A image) ||_2`` per batch element -> ``[B]``, squared
+    (``norm="squared"``, the paper) or not (``"plain"``, the reference code)."""
     filled = aty.to(device=image.device, dtype=image.dtype) + (image - adj(linear(image), tuple(image.shape)))
     enc = encoder(filled)
     if not isinstance(enc, torch.Tensor) or tuple(enc.shape) != tuple(z0_hat.shape):
@@ -92,8 +101,10 @@ def _gluing(z0_hat, image, aty, linear, adj, encoder) -> torch.Tensor:
         raise ValueError(
             f"PSLD encoder: E(image) must return a latent shaped like z0_hat {tuple(z0_hat.shape)}, got {got}"
         )
-    diff = z0_hat - enc.to(device=z0_hat.device, dtype=z0_hat.dtype)
-    return diff.reshape(diff.shape[0], -1).pow(2).sum(dim=1)
+    diff = (z0_hat - enc.to(device=z0_hat.device, dtype=z0_hat.dtype)).reshape(z0_hat.shape[0], -1)
+    if norm == "plain":
+        return torch.linalg.vector_norm(diff, ord=2, dim=1)
+    return diff.pow(2).sum(dim=1)
 
 
 def _adjoint_of_measurement(y: torch.Tensor, image: torch.Tensor, adj) -> torch.Tensor:
@@ -115,8 +126,10 @@ def psld_gluing_loss(
     decoder: Callable[[torch.Tensor], torch.Tensor],
     encoder: Callable[[torch.Tensor], torch.Tensor],
     adjoint: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    norm: str = "squared",
 ) -> torch.Tensor:
-    """PSLD's (unweighted) gluing term ``|| z0_hat - E(A^T y + (I - A^T A) D(z0_hat)) ||_2^2`` -> ``[B]``.
+    """PSLD's (unweighted) gluing term ``|| z0_hat - E(A^T y + (I - A^T A) D(z0_hat)) ||_2^2`` -> ``[B]``
+    (``norm="plain"``: the norm itself, not squared, as the reference code computes it).
 
     ``A`` is ``degradation.linear`` when the degradation has one (the map ``A_adjoint`` is the adjoint
     of), else ``degradation`` itself; ``adjoint`` defaults to ``degradation.A_adjoint``.  Differentiable
@@ -127,9 +140,11 @@ def psld_gluing_loss(
     adj = _resolve_adjoint(degradation, adjoint)
     if adj is None:
         raise ValueError("psld_gluing_loss needs adjoint= (A^T) or a degradation with an A_adjoint method")
+    if norm not in GLUING_NORMS:
+        raise ValueError(f"norm must be one of {GLUING_NORMS}, got {norm!r}")
     image = decoder(z0_hat)
     aty = _adjoint_of_measurement(measurement, image, adj)
-    return _gluing(z0_hat, image, aty, _linear_map(degradation), adj, encoder)
+    return _gluing(z0_hat, image, aty, _linear_map(degradation), adj, encoder, norm)
 
 
 def sample_latent_dps(
@@ -147,6 +162,7 @@ def sample_latent_dps(
     adjoint: Callable[[torch.Tensor], torch.Tensor] | None = None,
     eta: float = 1.0,
     gluing: float = 0.0,
+    gluing_norm: str = "squared",
     update: str = "ddpm",
     gradient: str = "unet",
     grad_clamp: float | None = None,
@@ -176,6 +192,7 @@ def sample_latent_dps(
             ``degradation.A_adjoint(y, image_shape)``.
         eta: guidance step size (PSLD's omega); 0 reproduces the plain sampler bit-exactly.
         gluing: gluing weight (PSLD's gamma = ``eta * gluing``); 0 = Latent-DPS.
+        gluing_norm: ``"squared"`` (the paper's Algorithm) or ``"plain"`` (the reference code's norm).
         update, gradient, grad_clamp, eta_schedule, early_stop, noise_sampler: as for :func:`sample_silo`
             (``grad_clamp`` defaults to None here: DPS and PSLD do not clamp).
         trace: list receiving one dict per step as for :func:`sample_silo`; with ``gluing > 0`` each also
@@ -203,6 +220,8 @@ def sample_latent_dps(
         raise ValueError(f"gluing must be a finite number >= 0, got {gluing!r}") from None
     if not math.isfinite(gluing) or gluing < 0:
         raise ValueError(f"gluing must be a finite number >= 0, got {gluing}")
+    if gluing_norm not in GLUING_NORMS:
+        raise ValueError(f"gluing_norm must be one of {GLUING_NORMS}, got {gluing_norm!r}")
 
     adj = linear = None
     if gluing > 0:
@@ -252,7 +271,7 @@ def sample_latent_dps(
                 z, image = _normal_tensor(z), _normal_tensor(image)
             if state["aty"] is None:
                 state["aty"] = _adjoint_of_measurement(_normal_tensor(measurement), image, adj)
-            return gluing * _gluing(z, image, state["aty"], linear, adj, encoder)
+            return gluing * _gluing(z, image, state["aty"], linear, adj, encoder, gluing_norm)
 
     return sample_silo(
         model,

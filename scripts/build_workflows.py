@@ -191,6 +191,56 @@ def train_workflow(b) -> None:
     b.group("Train", (x3 - 10, 10, 400, 760), color="#3e8a5a")
 
 
+def uncertainty_workflow(b) -> None:
+    """Dirac-style uncertainty: one SILO restoration per seed, their mean, a std heat map and the samples."""
+    x0, x1, x2, x3, x4 = 0, 420, 840, 1260, 1680
+    ckpt = b.node("CheckpointLoaderSimple", (x0, 80), {"ckpt_name": CHECKPOINT})
+    pos = b.node("CLIPTextEncode", (x0, 300), {"text": POSITIVE}, {"clip": ckpt.out("CLIP")}, title="Positive",
+                 size=(380, 130))
+    photo = b.node("LoadImage", (x1, 80), {"image": "example.png"}, title="Degraded photo", size=(360, 380))
+    deg = b.node("SILODegradation", (x1, 500), {"type": "gaussian_blur", "blur_kernel_size": 61, "blur_sigma": 3.0})
+    enc = b.node("SILOEncodeMeasurement", (x2, 80), {"noise_sigma": 0.01},
+                 {"image": photo.out("IMAGE"), "vae": ckpt.out("VAE"), "degradation": deg.out("DEGRADATION")})
+    op = b.node("SILOLatentOperatorLoader", (x2, 300), {"operator_name": "gaussian_blur_sd15.safetensors"},
+                size=(360, 160))
+    sampler = b.node("SILOSampler", (x2, 500),
+                     {"eta": 1.0, "update": "ddpm", "gradient": "unet", "grad_clamp": 1.0, "early_stop": -1},
+                     {"model": ckpt.out("MODEL"), "measurement": enc.out("MEASUREMENT"), "operator": op.out()},
+                     size=(360, 260))
+    guider = b.node("BasicGuider", (x3, 80), None, {"model": ckpt.out("MODEL"), "conditioning": pos.out()})
+    sigmas = b.node("BasicScheduler", (x3, 200), {"scheduler": "normal", "steps": STEPS, "denoise": 1.0},
+                    {"model": ckpt.out("MODEL")})
+    seeds = b.node("SILORestoreSeeds", (x3, 380), {"noise_seed": 0, "seeds": 4},
+                   {"guider": guider.out(), "sampler": sampler.out(), "sigmas": sigmas.out(),
+                    "latent_image": enc.out("LATENT"), "vae": ckpt.out("VAE")}, size=(360, 300),
+                   helpers={"noise_seed": "fixed"})
+    b.node("SaveImage", (x4, 80), {"filename_prefix": "silo/uncertainty_mean"}, {"images": seeds.out("mean")},
+           title="Mean of the restorations", size=(360, 360))
+    b.node("SaveImage", (x4 + 380, 80), {"filename_prefix": "silo/uncertainty_map"},
+           {"images": seeds.out("uncertainty")}, title="Uncertainty (per-pixel std)", size=(360, 360))
+    b.node("PreviewImage", (x4, 480), None, {"images": seeds.out("samples")}, title="The restorations",
+           size=(360, 360))
+    b.node("SILORestorationMetrics", (x4 + 380, 480), None,
+           {"image": seeds.out("mean"), "measurement": enc.out("MEASUREMENT")}, title="Consistency of the mean",
+           size=(360, 240))
+    b.note(
+        "Where is the restoration sure, and where is it guessing? (DiracDiffusion's pixel-wise uncertainty)\n"
+        "1. Load Checkpoint, Load Image (the blurred photo, sides a multiple of 8) and Latent Degradation Operator "
+        "(gaussian_blur_sd15, trained for this checkpoint's VAE) as in 'silo_gaussian_deblur'.\n"
+        "2. Queue. Restore with N Seeds runs the SILO Sampler once per seed (noise_seed, noise_seed+1, ...; one "
+        "restoration in memory at a time) and saves the pixel-wise mean (smoother, closer to the MMSE estimate) "
+        "and a heat map of the per-pixel standard deviation: bright where the seeds disagree (detail the blur "
+        "destroyed and the model invents), dark where the photo pins the answer down. Metrics shows how well the "
+        "mean explains the photo (consistency next to the noise floor).\n\n"
+        "Swap the SILO Sampler for Latent DPS / PSLD Sampler or ReSample Sampler (no operator needed, much slower) to "
+        "compare how sure each solver is. More seeds give a steadier map; 4 is a quick look, 16+ a report. "
+        f"{STEPS} DDPM steps with eta 1.0 at CFG 1 (Basic Guider) as in the other workflows.",
+        (x0, 640), size=(800, 330), title="SILO: uncertainty from several seeds")
+    b.group("Model and prompt", (x0 - 10, 10, 400, 620))
+    b.group("Photo and degradation", (x1 - 10, 10, 400, 800), color="#8a6e3e")
+    b.group("Sample N seeds", (x2 - 10, 10, 820, 800), color="#3e8a5a")
+
+
 def workflow_specs() -> dict[str, tuple[str, Callable]]:
     specs: dict[str, tuple[str, Callable]] = {}
     for stem, title, deg, op, eta, hint, extra in TASKS:
@@ -201,6 +251,7 @@ def workflow_specs() -> dict[str, tuple[str, Callable]]:
         lambda b: _restoration(b, "Degrade restore compare", {"type": "gaussian_blur", "blur_kernel_size": 61,
                                                               "blur_sigma": 3.0},
                                "gaussian_blur_sd15", 1.0, "", "", compare=True))
+    specs["silo_uncertainty"] = ("Uncertainty from several seeds", uncertainty_workflow)
     return specs
 
 
@@ -268,6 +319,7 @@ def make_thumbnail(stem: str, title: str) -> None:
         "silo_mask_inpainting": {"type": "mask_inpaint"},
         "silo_jpeg_restoration": {"type": "jpeg", "quality": 10},
         "silo_degrade_restore_compare": {"type": "gaussian_blur", "kernel_size": 61, "sigma": 3.0},
+        "silo_uncertainty": {"type": "gaussian_blur", "kernel_size": 61, "sigma": 3.0},
     }
     if stem == "silo_train_operator_from_generated_images":
         from skimage import data, transform
@@ -299,6 +351,8 @@ def make_thumbnail(stem: str, title: str) -> None:
                  "box_inpaint": "missing box", "mask_inpaint": "missing (mask)", "jpeg": "JPEG q=10"}
         draw.text((P // 2 + 8, 10), short[specs[stem]["type"]], font=_font(15), fill=(230, 230, 230))
         label = ["Encode", "Measurement", "", "Latent", "Degradation", "Operator", "", "SILO KSampler"]
+        if stem == "silo_uncertainty":
+            label = ["SILO Sampler", "", "Restore with", "N Seeds", "", "→ mean", "→ uncertainty", "    heat map"]
     x0 = P + 24
     draw.rounded_rectangle([x0, 40, W - 16, 40 + P], radius=10, outline=(110, 190, 140), width=2)
     yy = 56

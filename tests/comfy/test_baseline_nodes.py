@@ -34,7 +34,7 @@ def _pixel_error(comfy_host, vae, meas, samples):
 def _dps(comfy_host, setup, **kw):
     model, cond, vae, meas, latent = setup
     args = dict(model=model, positive=cond, negative=cond, latent_image=latent, measurement=meas, vae=vae, eta=1.0,
-                gluing=0.0, update="ddpm", gradient="unet", grad_clamp=0.0, early_stop=-1, **COMMON)
+                gluing=0.0, gluing_norm="squared", update="ddpm", gradient="unet", grad_clamp=0.0, early_stop=-1, **COMMON)
     args.update(kw)
     return comfy_host.run_node("SILOLatentDPSKSampler", **args)
 
@@ -53,14 +53,15 @@ def test_latent_dps_and_psld_reduce_the_pixel_error(comfy_host, setup):
     plain, _ = _dps(comfy_host, setup, eta=0.0)
     err_plain = _pixel_error(comfy_host, vae, meas, plain)
     # a random VAE is far from E(D(z)) = z, so PSLD's gluing term is large here: a small γ keeps it in check
-    settings = {"Latent-DPS": dict(eta=20.0, gluing=0.0), "PSLD": dict(eta=20.0, gluing=0.01)}
+    settings = {"Latent-DPS": dict(eta=20.0, gluing=0.0), "PSLD": dict(eta=20.0, gluing=0.01),
+                "PSLD, plain gluing norm": dict(eta=20.0, gluing=0.5, gluing_norm="plain")}
     for name, kw in settings.items():
         for mode in ("unet", "x0"):
             out, trace = _dps(comfy_host, setup, gradient=mode, **kw)
             assert len(trace) == 4 and trace[-1]["loss"][0] < trace[0]["loss"][0], (name, mode)
             limit = 0.9 if name == "Latent-DPS" else 0.95  # the gluing term pulls elsewhere with a random VAE
             assert _pixel_error(comfy_host, vae, meas, out) < limit * err_plain, (name, mode)
-            assert ("extra_loss" in trace[0]) == (name == "PSLD")
+            assert ("extra_loss" in trace[0]) == name.startswith("PSLD")
     assert "‖y − A(D(ẑ₀))‖" in comfy_host.last_ui["text"][0]
 
 
@@ -98,3 +99,36 @@ def test_baselines_explain_what_the_measurement_lacks(comfy_host, setup, sd15_sm
                                          noise_sigma=0.01)
     with pytest.raises(ValueError, match=r"'gluing'.*linear.*Latent-DPS"):
         _dps(comfy_host, setup, measurement=jmeas, latent_image=jlatent, gluing=0.1)
+
+
+def test_restore_with_n_seeds_runs_a_solver_per_seed(comfy_host, setup):
+    """Dirac-style uncertainty: one solver, N seeds; sample i is what SamplerCustomAdvanced gives with seed s+i."""
+    model, cond, vae, meas, latent = setup
+    (guider,) = comfy_host.run_node("BasicGuider", model=model, conditioning=cond)
+    (sigmas,) = comfy_host.run_node("BasicScheduler", model=model, scheduler="normal", steps=3, denoise=1.0)
+    (sampler,) = comfy_host.run_node("SILOLatentDPSSampler", model=model, measurement=meas, vae=vae, eta=5.0,
+                                     gluing=0.0, gluing_norm="squared", update="ddpm", gradient="x0", grad_clamp=0.0,
+                                     early_stop=-1)
+    before = live_tensors()
+    mean, heat, std, samples, latents = comfy_host.run_node(
+        "SILORestoreSeeds", guider=guider, sampler=sampler, sigmas=sigmas, latent_image=latent, vae=vae,
+        noise_seed=7, seeds=3)
+    assert samples.shape == (3, 64, 64, 3) and latents["samples"].shape == (3, 4, 8, 8)
+    assert mean.shape == heat.shape == (1, 64, 64, 3) and std.shape == (1, 64, 64)
+    torch.testing.assert_close(mean[0], samples.mean(0), rtol=0, atol=1e-5)
+    # the seeds give different restorations, so the spread is not zero; it is the pixel-wise std of the samples
+    assert float((samples[0] - samples[1]).abs().max()) > 1e-3
+    torch.testing.assert_close(std[0], samples.double().std(0).pow(2).mean(-1).sqrt().float(), rtol=1e-4, atol=1e-5)
+    assert "3 seeds (7…9)" in comfy_host.last_ui["text"][0]
+    # sample 1 is exactly SamplerCustomAdvanced with seed 8
+    (noise,) = comfy_host.run_node("RandomNoise", noise_seed=8)
+    out, _ = comfy_host.run_node("SamplerCustomAdvanced", noise=noise, guider=guider, sampler=sampler, sigmas=sigmas,
+                                 latent_image=latent)
+    torch.testing.assert_close(latents["samples"][1], out["samples"][0], rtol=1e-5, atol=1e-5)
+    del mean, heat, std, samples, latents, out
+    after = live_tensors()
+    assert after[0] <= before[0] + 1e6 and after[1] == before[1]
+    with pytest.raises(ValueError, match="'latent_image'.*batch of 2.*ONE photo"):
+        comfy_host.run_node("SILORestoreSeeds", guider=guider, sampler=sampler, sigmas=sigmas,
+                            latent_image={"samples": latent["samples"].repeat(2, 1, 1, 1)}, vae=vae, noise_seed=0,
+                            seeds=2)

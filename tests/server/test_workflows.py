@@ -122,6 +122,10 @@ def _prepare(api: dict, stem: str, base: Path, checkpoint: str) -> dict:
             inputs.update(steps=4, consistency_every=1, latent_steps=3)
         elif cls == "KSampler":
             inputs["steps"] = 1
+        elif cls == "BasicScheduler":
+            inputs["steps"] = 2
+        elif cls == "SILORestoreSeeds":
+            inputs["seeds"] = 2
         elif cls == "EmptyLatentImage":
             inputs.update(width=64, height=64, batch_size=1)
         elif cls == "SILODegradation" and inputs["type"] == "box_inpaint":
@@ -168,6 +172,13 @@ def test_shipped_workflow_runs_headlessly(path, comfy_server, object_info, opera
         assert sorted(sizes) == sorted([(64, 64), (64 * 5 + 4 * 8, 64)]), sizes
         metrics = [i for i, n in api.items() if n["class_type"] == "SILORestorationMetrics"]
         assert len(metrics) == 3 and all("PSNR" in "".join(outputs[i]["text"]) for i in metrics)
+    elif path.stem == "silo_uncertainty":
+        assert sizes == [(64, 64), (64, 64)], sizes  # the mean and the uncertainty map
+        seeds_id = next(i for i, n in api.items() if n["class_type"] == "SILORestoreSeeds")
+        assert "2 seeds" in "".join(outputs[seeds_id]["text"])
+        metrics_id = next(i for i, n in api.items() if n["class_type"] == "SILORestorationMetrics")
+        assert "noise floor" in "".join(outputs[metrics_id]["text"])
+        return
     else:
         assert sizes == [expect["size"]], sizes
     ks_id = next(i for i, n in api.items() if n["class_type"] == "SILOKSampler")

@@ -153,8 +153,8 @@ def test_gluing0_is_silo_with_operator_a_of_d(toy):
     torch.testing.assert_close(_dps(toy, sig, x, yb, toy.down, eta=0.3, gradient="x0"), out, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("gluing", [0.0, 0.7])
-def test_single_step_matches_analytic_gradient(toy, gluing):
+@pytest.mark.parametrize(("gluing", "norm"), [(0.0, "squared"), (0.7, "squared"), (0.7, "plain")])
+def test_single_step_matches_analytic_gradient(toy, gluing, norm):
     """One Euler step, gradient='x0', no clamp: x_next = euler - eta*s(sigma)*s(sigma_next)*grad_z0 loss."""
     sig = torch.tensor([2.0, 0.5], dtype=DT)
     x = _x0(sig, n=3, seed=9)
@@ -170,6 +170,7 @@ def test_single_step_matches_analytic_gradient(toy, gluing):
         adjoint=toy.down_adj,
         eta=eta,
         gluing=gluing,
+        gluing_norm=norm,
         update="euler",
         gradient="x0",
     )
@@ -181,7 +182,10 @@ def test_single_step_matches_analytic_gradient(toy, gluing):
     g = r @ m / r.norm(dim=1, keepdim=True)  # grad of ||y - A D z||
     ea = toy.Em @ _a_matrix(toy.down).T  # E A^T: [32, 16]
     u = r @ ea.T  # E A^T (A D z - y) = z - E(A^T y + (I - A^T A) D z) since E D = I
-    g = g + gluing * 2.0 * u @ (ea @ m)  # grad of ||E A^T (A D z - y)||^2
+    if norm == "squared":
+        g = g + gluing * 2.0 * u @ (ea @ m)  # grad of ||E A^T (A D z - y)||^2
+    else:
+        g = g + gluing * (u / u.norm(dim=1, keepdim=True)) @ (ea @ m)  # grad of ||E A^T (A D z - y)||
     scale = math.sqrt(1 + 2.0**2) * math.sqrt(1 + 0.5**2)
     torch.testing.assert_close(out, plain - eta * scale * g.reshape(x.shape), rtol=1e-10, atol=1e-12)
 
@@ -252,6 +256,10 @@ def test_gluing_loss_values(toy, kind):
     u = r @ (toy.Em @ _a_matrix(op).T).T
     torch.testing.assert_close(loss, u.pow(2).sum(1), rtol=1e-10, atol=1e-14)
     assert loss.min().item() > 1e-3
+    plain = psld_gluing_loss(z, measurement=y, norm="plain", **kw)
+    torch.testing.assert_close(plain, u.norm(dim=1), rtol=1e-10, atol=1e-14)
+    with pytest.raises(ValueError, match="norm must be one of"):
+        psld_gluing_loss(z, measurement=y, norm="l1", **kw)
     (g,) = torch.autograd.grad(loss.sum(), z)
     assert g.abs().sum().item() > 0
     # an encoder that is not D's inverse: the term measures E o D, even for a consistent measurement
@@ -334,6 +342,8 @@ def test_clear_errors(toy):
     yb = toy.measure(toy.box)
     with pytest.raises(ValueError, match=r"PSLD \(gluing > 0\) needs a linear degradation.*'JPEG q=10' is not linear"):
         _dps(toy, sig, x, yb, JPEG(10), encoder=toy.enc, gluing=1.0)
+    with pytest.raises(ValueError, match=r"gluing_norm must be one of \('squared', 'plain'\), got 'l2'"):
+        _dps(toy, sig, x, yb, toy.box, encoder=toy.enc, gluing=1.0, gluing_norm="l2")
     with pytest.raises(ValueError, match=r"PSLD \(gluing > 0\) needs encoder="):
         _dps(toy, sig, x, yb, toy.box, gluing=1.0)
     with pytest.raises(ValueError, match=r"PSLD \(gluing > 0\) needs the adjoint"):

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
 REQUIRED = {"silo_gaussian_deblur", "silo_super_resolution_x4", "silo_super_resolution_x8", "silo_box_inpainting",
             "silo_mask_inpainting", "silo_jpeg_restoration", "silo_train_operator_from_generated_images",
-            "silo_degrade_restore_compare"}
+            "silo_degrade_restore_compare", "silo_uncertainty"}
 OUR_NODES = set(json.loads((ROOT / "node_list.json").read_text()))
 
 
@@ -54,6 +54,6 @@ def test_workflow_is_a_well_formed_ui_file_with_a_thumbnail_and_notes(path):
                      if inp.get("link") is not None}
     assert linked_inputs == {(dst, slot) for _l, _s, _ss, dst, slot, _t in wf["links"]}
     used = {n["type"] for n in wf["nodes"]}
-    assert "SILOKSampler" in used or "SILOTrainLatentOperator" in used
-    if "SILOKSampler" in used:
+    assert used & {"SILOKSampler", "SILOSampler", "SILOTrainLatentOperator"}
+    if used & {"SILOKSampler", "SILOSampler"}:
         assert {"SILOEncodeMeasurement", "SILOLatentOperatorLoader", "SILODegradation"} <= used
