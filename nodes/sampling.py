@@ -154,6 +154,19 @@ def silo_sampler_function(model, x, sigmas, extra_args=None, callback=None, disa
                           measurement=w.to(dtype), operator=operator, **options).to(dtype)
 
 
+def sdpa_extra_args(extra_args: dict | None) -> dict:
+    """A copy of the sampler's ``extra_args`` whose ``model_options`` route attention through PyTorch SDPA for this
+    run only (SageAttention and some xformers builds cut or break gradients). Covers the SAMPLER nodes too, where
+    the guider's MODEL is the user's; nothing the caller holds is changed."""
+    extra = dict(extra_args or {})
+    mo = dict(extra.get("model_options") or {})
+    to = dict(mo.get("transformer_options") or {})
+    to["optimized_attention_override"] = _sdpa_override
+    mo["transformer_options"] = to
+    extra["model_options"] = mo
+    return extra
+
+
 def guarded_sample(sample_fn, model, x, sigmas, extra_args, callback, disable, **options):
     """Run a pure-torch sampler with ComfyUI's Cancel checked every step and out-of-memory explained."""
     def step_callback(info):
@@ -162,7 +175,8 @@ def guarded_sample(sample_fn, model, x, sigmas, extra_args, callback, disable, *
             callback(info)
 
     try:
-        return sample_fn(model, x, sigmas, extra_args=extra_args, callback=step_callback, disable=disable, **options)
+        return sample_fn(model, x, sigmas, extra_args=sdpa_extra_args(extra_args), callback=step_callback,
+                         disable=disable, **options)
     except torch.OutOfMemoryError as e:
         raise SiloOutOfMemoryError(
             f"guided sampling ran out of memory at {x.shape[-1] * 8}x{x.shape[-2] * 8} px, batch {x.shape[0]}, "

@@ -164,3 +164,50 @@ def test_memory_is_returned_after_an_interrupt_or_an_error(comfy_host, sd15_smal
     assert (dict(model.model_options.get("transformer_options", {})), len(model.patches)) == patches_before
     out, trace = _run(comfy_host, model, cond, latent, meas, op, steps=2, eta=1.0)  # and the host still samples
     assert torch.isfinite(out["samples"]).all() and len(trace) == 2
+
+
+def test_sampler_nodes_force_sdpa_attention_for_their_run_only(comfy_host, sd15_small):
+    """A MODEL whose attention cannot be differentiated (like SageAttention, here a model-scoped override that
+    detaches) still gets exact gradients from the SILO / Latent DPS SAMPLER nodes: they route attention through
+    PyTorch SDPA for their own run; the user's MODEL keeps its override and plain samplers still use it."""
+    from comfy.ldm.modules.attention import attention_pytorch
+
+    model, clip, vae = sd15_small
+    (cond,) = comfy_host.run_node("CLIPTextEncode", text="a photo", clip=clip)
+    (deg,) = comfy_host.run_node("SILODegradation", type="gaussian_blur", blur_kernel_size=9, blur_sigma=2.0,
+                                 sr_factor=4, box_top=0, box_left=0, box_height=8, box_width=8, random_box_size=16,
+                                 random_box_seed=0, jpeg_quality=10)
+    photo = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(0))
+    meas, latent = comfy_host.run_node("SILOEncodeMeasurement", image=photo, vae=vae, degradation=deg,
+                                       noise_sigma=0.01)
+    op = _operator(comfy_host, SD15)
+    calls = []
+
+    def forward_only(func, *args, **kwargs):
+        calls.append(1)
+        return attention_pytorch(*args, **kwargs).detach()
+
+    user = model.clone()
+    user.model_options["transformer_options"] = {"optimized_attention_override": forward_only}
+    (noise,) = comfy_host.run_node("RandomNoise", noise_seed=0)
+    (sigmas,) = comfy_host.run_node("BasicScheduler", model=user, scheduler="normal", steps=2, denoise=1.0)
+    outs = {}
+    for name, m in (("user", user), ("plain", model)):
+        (guider,) = comfy_host.run_node("BasicGuider", model=m, conditioning=cond)
+        silo = comfy_host.run_node("SILOSampler", model=m, measurement=meas, operator=op, eta=2.0, update="ddpm",
+                                   gradient="unet", grad_clamp=0.0, early_stop=-1)[0]
+        dps = comfy_host.run_node("SILOLatentDPSSampler", model=m, measurement=meas, vae=vae, eta=5.0, gluing=0.0,
+                                  gluing_norm="squared", update="ddpm", gradient="unet", grad_clamp=0.0,
+                                  early_stop=-1)[0]
+        for solver, sampler in (("silo", silo), ("dps", dps)):
+            outs[name, solver] = comfy_host.run_node("SamplerCustomAdvanced", noise=noise, guider=guider,
+                                                     sampler=sampler, sigmas=sigmas, latent_image=latent)[0]["samples"]
+    assert calls == [], "the guided samplers must not use the MODEL's forward-only attention"
+    for solver in ("silo", "dps"):  # same result as on a MODEL without the override: the gradient was exact
+        torch.testing.assert_close(outs["user", solver], outs["plain", solver], rtol=1e-4, atol=1e-4)
+    assert user.model_options["transformer_options"]["optimized_attention_override"] is forward_only
+    (euler,) = comfy_host.run_node("KSamplerSelect", sampler_name="euler")
+    (guider,) = comfy_host.run_node("BasicGuider", model=user, conditioning=cond)
+    comfy_host.run_node("SamplerCustomAdvanced", noise=noise, guider=guider, sampler=euler, sigmas=sigmas,
+                        latent_image=latent)
+    assert calls, "a plain sampler still runs the MODEL's own attention"
