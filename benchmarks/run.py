@@ -490,8 +490,6 @@ def benchmark(host, ckpt_name: str, preset_name: str, sections=("sampling", "pap
     p = dict(PRESETS[preset_name], **overrides)
     b = Bench(host, ckpt_name, p)
     cuda = b.timer.cuda
-    import comfy.model_management as mm  # noqa: F401
-
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=ROOT).stdout.strip() or "unknown"
     try:

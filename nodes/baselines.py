@@ -17,6 +17,7 @@ from .common import CATEGORY, Measurement, SiloInputError, Trace
 from .sampling import (
     _diffusion_model,
     guarded_sample,
+    ksampler_inputs,
     make_weights_differentiable,
     run_guided_ksampler,
     trace_text,
@@ -83,25 +84,6 @@ def build_pixel_sampler(solver: str, model, vae, measurement, **opts):
     options = {"solver": solver, "measurement": measurement, "vae": vae, "model_patcher": model, "trace": trace,
                **opts}
     return comfy.samplers.KSAMPLER(pixel_guided_sampler_function, extra_options=options), trace
-
-
-def _ksampler_inputs():
-    import comfy.samplers
-
-    return [
-        io.Model.Input("model", tooltip="The checkpoint's MODEL."),
-        io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
-                     tooltip="Seed of the initial noise (and the sampler's noise)."),
-        io.Int.Input("steps", default=50, min=1, max=10000, tooltip="Sampling steps (the papers: 1000 / 500)."),
-        io.Float.Input("cfg", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01,
-                       tooltip="Classifier-free guidance (the papers: 1.0 = none)."),
-        io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="normal",
-                       tooltip="Noise schedule."),
-        io.Conditioning.Input("positive", tooltip="e.g. 'a high quality photo'."),
-        io.Conditioning.Input("negative", tooltip="Negative prompt (unused at CFG 1)."),
-        io.Latent.Input("latent_image", tooltip="Latent of the output size (Encode Measurement's latent_image)."),
-        io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01, tooltip="1.0 starts from noise."),
-    ]
 
 
 def _dps_inputs():
@@ -181,7 +163,7 @@ class LatentDPSKSampler(io.ComfyNode):
             description=("Baseline: Latent-DPS, or PSLD with gluing > 0. Every step decodes the denoised latent with "
                          "the VAE and pulls it towards ‖y − A(D(ẑ₀))‖ → 0 in pixel space. Needs no trained operator, "
                          "but is much slower and hungrier than SILO KSampler."),
-            inputs=[*_ksampler_inputs(), *_dps_inputs()],
+            inputs=[*ksampler_inputs(), *_dps_inputs()],
             outputs=list(_OUTPUTS),
         )
 
@@ -206,7 +188,7 @@ class ReSampleKSampler(io.ComfyNode):
             description=("Baseline: ReSample (hard data consistency). DDIM in latent space; at regular steps the "
                          "latent is optimised through the VAE decoder until it explains the photo, then resampled back "
                          "to the current noise level. Needs no trained operator."),
-            inputs=[*_ksampler_inputs(), *_resample_inputs()],
+            inputs=[*ksampler_inputs(), *_resample_inputs()],
             outputs=list(_OUTPUTS),
         )
 

@@ -169,8 +169,6 @@ class RestoreSeeds(io.ComfyNode):
                                  "Batch.")
         latents = sample_seeds(guider, sampler, sigmas, latent_image, [noise_seed + i for i in range(seeds)])
         images = torch.cat([vae.decode(z[None]) for z in latents]).float()
-        if images.ndim == 5:  # video VAEs return [B, T, H, W, C]
-            images = images.reshape(-1, *images.shape[-3:])
         out = pixel_uncertainty(images.permute(0, 3, 1, 2))
         text = (f"{seeds} seeds ({noise_seed}…{noise_seed + seeds - 1}); mean per-pixel std "
                 f"{out['mean_std']:.4f} (max {float(out['std_gray'].max()):.4f})")

@@ -217,34 +217,25 @@ def build_silo_sampler(model, measurement, operator, eta, update, gradient, grad
     return comfy.samplers.KSAMPLER(silo_sampler_function, extra_options=opts), trace
 
 
-def guided_model(model):
-    """A clone of the MODEL whose attention runs through PyTorch SDPA (backward-safe); the user's MODEL is untouched."""
-    m = model.clone()
-    to = dict(m.model_options.get("transformer_options", {}))
-    to["optimized_attention_override"] = _sdpa_override
-    m.model_options["transformer_options"] = to
-    return m
-
-
 def run_guided_ksampler(model, sampler, seed, steps, cfg, scheduler, positive, negative, latent_image, denoise):
-    """What KSampler does (noise, sigmas, previews, progress bar), with a guided SAMPLER on an SDPA-forced clone of
-    the MODEL; the cache is emptied afterwards, also after an error or an interrupt. Returns the LATENT dict."""
+    """What KSampler does (noise, sigmas, previews, progress bar), with a guided SAMPLER (which routes attention
+    through SDPA for its run, see :func:`sdpa_extra_args`); the cache is emptied afterwards, also after an error or
+    an interrupt. Returns the LATENT dict."""
     import comfy.model_management as mm
     import comfy.sample
     import comfy.samplers
     import comfy.utils
     import latent_preview
 
-    m = guided_model(model)
-    latent = comfy.sample.fix_empty_latent_channels(m, latent_image["samples"])
+    latent = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
     noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
     total = steps if denoise >= 1.0 else int(steps / max(denoise, 1e-4))
-    sigmas = comfy.samplers.calculate_sigmas(m.get_model_object("model_sampling"), scheduler, total).cpu()
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, total).cpu()
     sigmas = sigmas[-(steps + 1):]
-    callback = latent_preview.prepare_callback(m, steps)
+    callback = latent_preview.prepare_callback(model, steps)
     try:
         samples = comfy.sample.sample_custom(
-            m, noise, cfg, sampler, sigmas, positive, negative, latent,
+            model, noise, cfg, sampler, sigmas, positive, negative, latent,
             noise_mask=latent_image.get("noise_mask"), callback=callback,
             disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
     finally:
@@ -289,6 +280,28 @@ def trace_text(trace: list, what: str = "‖w − H(ẑ₀)‖") -> str:
     return f"consistency {what}: step 0 {f:.3f} → step {last['step']} {la:.3f} ({len(trace)} steps)"
 
 
+def ksampler_inputs() -> list:
+    """KSampler's own inputs (model ... denoise), shared by every KSampler-like node of the pack."""
+    import comfy.samplers
+
+    return [
+        io.Model.Input("model", tooltip="The checkpoint's MODEL."),
+        io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                     tooltip="Seed of the initial noise and of the sampler's (DDPM) noise."),
+        io.Int.Input("steps", default=50, min=1, max=10000,
+                     tooltip="Sampling steps (the papers: 999-1000; fewer need a larger η)."),
+        io.Float.Input("cfg", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                       tooltip="Classifier-free guidance (the papers: 1.0 = none)."),
+        io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="normal",
+                       tooltip="Noise schedule."),
+        io.Conditioning.Input("positive", tooltip="e.g. 'a high quality photo'."),
+        io.Conditioning.Input("negative", tooltip="Negative prompt (unused at CFG 1)."),
+        io.Latent.Input("latent_image", tooltip="Latent of the output size: Encode Measurement's latent_image (or "
+                                                "Empty Latent Image / VAE Encode of the photo with denoise < 1)."),
+        io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01, tooltip="1.0 starts from noise."),
+    ]
+
+
 SILO_INPUTS = [
     Measurement.Input("measurement", tooltip="From Encode Measurement."),
     LatentOperator.Input("operator", tooltip="From Latent Degradation Operator or Train Latent Operator."),
@@ -311,7 +324,6 @@ SILO_INPUTS = [
 class SiloKSampler(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        import comfy.samplers
 
         return io.Schema(
             node_id="SILOKSampler",
@@ -321,19 +333,7 @@ class SiloKSampler(io.ComfyNode):
                          "degraded photo through a latent degradation operator — no VAE decoding in the loop. Uses "
                          "your loaded checkpoint; CFG 1 as in the paper, higher CFG also works."),
             inputs=[
-                io.Model.Input("model", tooltip="The checkpoint's MODEL."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
-                             tooltip="Seed of the initial noise and the DDPM noise."),
-                io.Int.Input("steps", default=50, min=1, max=10000, tooltip="Sampling steps (paper: 999)."),
-                io.Float.Input("cfg", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01,
-                               tooltip="Classifier-free guidance (paper: 1.0 = none)."),
-                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="normal",
-                               tooltip="Noise schedule."),
-                io.Conditioning.Input("positive", tooltip="e.g. 'a high quality photo'."),
-                io.Conditioning.Input("negative", tooltip="Negative prompt (unused at CFG 1)."),
-                io.Latent.Input("latent_image", tooltip="Starting latent of the output size (Empty Latent Image, or "
-                                                        "VAE Encode of the photo with denoise < 1)."),
-                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01, tooltip="1.0 starts from noise."),
+                *ksampler_inputs(),
                 *SILO_INPUTS,
             ],
             outputs=[io.Latent.Output("LATENT", display_name="LATENT", tooltip="The restored latent (VAE Decode it)."),

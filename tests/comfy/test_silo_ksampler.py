@@ -29,6 +29,13 @@ def _operator(comfy_host, latent_format):
     return op
 
 
+def _blur_measurement(comfy_host, vae, seed=0):
+    """Encode Measurement of a random 64x64 photo under a 9x9 Gaussian blur: ``(MEASUREMENT, latent_image)``."""
+    (deg,) = comfy_host.run_node("SILODegradation", **_deg_widgets())
+    photo = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(seed))
+    return comfy_host.run_node("SILOEncodeMeasurement", image=photo, vae=vae, degradation=deg, noise_sigma=0.01)
+
+
 def _run(comfy_host, model, cond, latent, meas, op, **kw):
     args = dict(model=model, seed=0, steps=4, cfg=1.0, scheduler="normal", positive=cond, negative=cond,
                 latent_image=latent, denoise=1.0, measurement=meas, operator=op, eta=0.5, update="ddpm",
@@ -40,12 +47,7 @@ def _run(comfy_host, model, cond, latent, meas, op, **kw):
 def test_silo_ksampler_pulls_towards_the_measurement_in_both_modes(comfy_host, sd15_small, tmp_path):
     model, clip, vae = sd15_small
     (cond,) = comfy_host.run_node("CLIPTextEncode", text="a high quality photo", clip=clip)
-    (deg,) = comfy_host.run_node("SILODegradation", type="gaussian_blur", blur_kernel_size=9, blur_sigma=2.0,
-                                 sr_factor=4, box_top=0, box_left=0, box_height=8, box_width=8, random_box_size=16,
-                                 random_box_seed=0, jpeg_quality=10)
-    photo = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(0))
-    meas, latent = comfy_host.run_node("SILOEncodeMeasurement", image=photo, vae=vae, degradation=deg,
-                                       noise_sigma=0.01)
+    meas, latent = _blur_measurement(comfy_host, vae)
     assert torch.equal(latent["samples"], meas.latent) and latent["samples"].shape == (1, 4, 8, 8)
     op = _operator(comfy_host, SD15)
     unet = model.model.diffusion_model
@@ -174,12 +176,7 @@ def test_sampler_nodes_force_sdpa_attention_for_their_run_only(comfy_host, sd15_
 
     model, clip, vae = sd15_small
     (cond,) = comfy_host.run_node("CLIPTextEncode", text="a photo", clip=clip)
-    (deg,) = comfy_host.run_node("SILODegradation", type="gaussian_blur", blur_kernel_size=9, blur_sigma=2.0,
-                                 sr_factor=4, box_top=0, box_left=0, box_height=8, box_width=8, random_box_size=16,
-                                 random_box_seed=0, jpeg_quality=10)
-    photo = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(0))
-    meas, latent = comfy_host.run_node("SILOEncodeMeasurement", image=photo, vae=vae, degradation=deg,
-                                       noise_sigma=0.01)
+    meas, latent = _blur_measurement(comfy_host, vae)
     op = _operator(comfy_host, SD15)
     calls = []
 
