@@ -19,6 +19,11 @@ synthetic photo) and step count, each node called exactly as ComfyUI's executor 
   forward+backward and operator forward+backward, so the solvers' overheads can be explained.
 * **Operator training**: steps/s and images/s per batch size, and the time until the held-out error beats the
   identity baseline by the preset's margin (box inpainting: a random VAE leaves blur nothing to learn).
+* **Compiled UNet** (the stretch goal): plain KSampler and SILO (both modes) with the UNet compiled by the host's
+  TorchCompileModel mechanism, for each torch.compile variant of the preset (gpu: inductor with CUDA graphs
+  ``reduce-overhead``, inductor default, the ``cudagraphs`` backend), next to the same three eager; first-run time
+  (compilation), s/step, peak VRAM and torch.compile's graph / graph-break / CUDA-graph-skip counters. A variant
+  that fails is reported with its error.
 * **Goals** of issue 6, each with its measured value and by how much it is met or missed.
 
 Timing: a warm-up of every solver first (model loading, kernel selection), then synchronised ``perf_counter``
@@ -58,14 +63,18 @@ PRESETS: dict[str, dict] = {
         variant="full", configs=[(512, 1), (512, 4), (1024, 1)], cfgs=[1.0, 7.5], steps=50, repeats=3,
         max_config_seconds=20.0, paper_steps=999, blur=(61, 3.0), component_repeats=20,
         resample=dict(consistency_every=10, latent_steps=100, lr=5e-3, tolerance=1e-3),
-        train=dict(size=512, batches=[8, 16], steps=200, eval_every=25, margin=0.9)),
+        train=dict(size=512, batches=[8, 16], steps=200, eval_every=25, margin=0.9),
+        compile=[("inductor", "reduce-overhead"), ("inductor", None), ("cudagraphs", None)]),
     "cpu-smoke": dict(
         variant="small", configs=[(32, 1), (32, 2), (64, 1)], cfgs=[1.0, 7.5], steps=2, repeats=1,
         max_config_seconds=0.0, paper_steps=3, blur=(9, 2.0), component_repeats=1,
         resample=dict(consistency_every=1, latent_steps=3, lr=5e-3, tolerance=1e-3),
-        train=dict(size=32, batches=[2, 4], steps=3, eval_every=1, margin=0.9)),
+        train=dict(size=32, batches=[2, 4], steps=3, eval_every=1, margin=0.9),
+        compile=[("aot_eager", None)]),
 }
 SOLVERS = ["KSampler", "SILO unet", "SILO x0", "Latent-DPS", "PSLD", "ReSample"]
+COMPILED_SOLVERS = ["KSampler", "SILO unet", "SILO x0"]
+SECTIONS = ("sampling", "paper", "components", "training", "compiled")
 PIXEL_SOLVERS = ("Latent-DPS", "PSLD", "ReSample")
 MARK = "<!-- benchmarks.run {preset} -->"
 
@@ -140,10 +149,11 @@ class Bench:
                                                   degradation=self.deg, noise_sigma=0.01)[:2]
         return self._meas[size]
 
-    def solver_call(self, solver: str, size: int, batch: int, cfg: float, steps: int, eta: float | None = None):
+    def solver_call(self, solver: str, size: int, batch: int, cfg: float, steps: int, eta: float | None = None,
+                    model=None):
         meas, latent = self.measurement(size)
         latent = dict(latent, samples=latent["samples"].repeat(batch, 1, 1, 1))
-        common = dict(model=self.model, seed=0, steps=steps, cfg=cfg, scheduler="normal", positive=self.positive,
+        common = dict(model=self.model if model is None else model, seed=0, steps=steps, cfg=cfg, scheduler="normal", positive=self.positive,
                       negative=self.negative, latent_image=latent, denoise=1.0)
         if solver == "KSampler":
             node, extra = "KSampler", dict(sampler_name="ddpm")
@@ -321,6 +331,65 @@ def run_training(b: Bench, log) -> list[dict]:
     return rows
 
 
+def _compile_counters() -> dict:
+    from torch._dynamo.utils import counters
+
+    reasons = sorted(counters["graph_break"].items(), key=lambda kv: -kv[1])
+    return dict(graphs=int(counters["stats"]["unique_graphs"]), breaks=int(sum(counters["graph_break"].values())),
+                break_reasons=[f"{n}× {r.splitlines()[0][:200]}" for r, n in reasons[:5]],
+                cudagraph_skips=int(counters["inductor"]["cudagraph_skips"]))
+
+
+def run_compiled(b: Bench, log) -> list[dict]:
+    """The stretch goal: plain KSampler and SILO (both modes) with the UNet compiled by the host's own mechanism
+    (``set_torch_compile_wrapper``, what its TorchCompileModel node does, here with a ``mode`` too), next to the
+    same three eager, at the first size, batch 1, CFG 1. A variant that fails is reported with its error, and the
+    next one still runs."""
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
+    from torch._dynamo.utils import counters
+
+    p = b.p
+    size, steps = p["configs"][0][0], p["steps"]
+    for solver in COMPILED_SOLVERS:  # warm-up (a no-op cost when the sampling section ran first)
+        b.solver_call(solver, size, 1, 1.0, min(2, steps))()
+    rows = []
+
+    def add(solver, backend, mode, call):
+        row = dict(solver=solver, backend=backend, mode=mode, size=size, steps=steps, error=None)
+        counters.clear()  # torch.compile's counters of this solver's runs (graphs it added, breaks it met)
+        try:
+            first, _, _ = b.timer(call)  # compilation and CUDA-graph capture happen here
+            sec, peak, n = b.timer.repeat(call, p["repeats"], p["max_config_seconds"])
+            row.update(first_s=first, s_run=sec, s_image=sec, s_step=sec / steps, peak_gib=peak, runs=n)
+            log(f"{solver:10s} {backend}/{mode or 'default'}: first {first:.2f} s, {sec:.3f} s, peak {peak:.2f} GiB")
+        except Exception as e:  # reported in the table; the other variants still run
+            row["error"] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
+            log(f"{solver:10s} {backend}/{mode or 'default'}: FAILED {row['error']}")
+        if backend != "eager":
+            row.update(_compile_counters())
+        rows.append(row)
+        b.cleanup()
+
+    for solver in COMPILED_SOLVERS:
+        add(solver, "eager", None, b.solver_call(solver, size, 1, 1.0, steps))
+    for backend, mode in p["compile"]:
+        torch._dynamo.reset()
+        model = b.model.clone()
+        set_torch_compile_wrapper(model=model, backend=backend, mode=mode)
+        for solver in COMPILED_SOLVERS:
+            add(solver, backend, mode, b.solver_call(solver, size, 1, 1.0, steps, model=model))
+        del model
+        torch._dynamo.reset()
+        b.cleanup()
+    for r in rows:  # ratios to the eager and to the same-variant plain KSampler, measured in this section
+        for key, backend in (("x_eager_ksampler", "eager"), ("x_ksampler", r["backend"])):
+            base = next(q for q in rows if q["solver"] == "KSampler" and q["backend"] == backend
+                        and q["mode"] == (r["mode"] if backend == r["backend"] else None))
+            ok = r["error"] is None and base["error"] is None
+            r[key] = r["s_run"] / base["s_run"] if ok else float("nan")
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------------- goals
 def evaluate_goals(res: dict) -> list[dict]:
     """Issue 6's goals against this run's numbers: ``{goal, measured, target, met, note}``."""
@@ -328,7 +397,7 @@ def evaluate_goals(res: dict) -> list[dict]:
     comps = res.get("components") or []
     goals = []
     if not rows:
-        return goals
+        return goals + _compiled_goals(res.get("compiled") or [], None)
 
     def get(solver, size, batch=1, cfg=1.0):
         return next((r for r in rows if (r["solver"], r["size"], r["batch"], r["cfg"]) ==
@@ -387,9 +456,37 @@ def evaluate_goals(res: dict) -> list[dict]:
                 r = c["s_image"] / a["s_image"]
                 add(f"{solver}: {large}² ≤ {limit:.2g}× the time of {base}² (linear in pixels)", f"{r:.2f}×",
                     f"≤ {limit:.2g}×", r <= limit, _by(r, limit))
-    silo_step = unet["s_step"]
-    add(f"stretch: guided SILO step ≤ 25 ms ({base}², unet)", f"{silo_step * 1e3:.1f} ms", "≤ 25 ms",
-        silo_step <= 0.025, _by(silo_step, 0.025))
+    return goals + _compiled_goals(res.get("compiled") or [], unet)
+
+
+def _compiled_goals(compiled: list[dict], eager_unet: dict | None) -> list[dict]:
+    """The stretch goal: a guided SILO step (gradient through the UNet) ≤ 25 ms, and faster than the host's eager
+    unguided KSampler step — judged on the fastest compiled variant that ran, else on the eager run."""
+    ok = [r for r in compiled if r["error"] is None and r["backend"] != "eager"]
+    best = min((r for r in ok if r["solver"] == "SILO unet"), key=lambda r: r["s_step"], default=None)
+    goals = []
+    if best is not None:
+        how = f"UNet compiled: {best['backend']}/{best['mode'] or 'default'}"
+        step, size = best["s_step"], best["size"]
+    elif eager_unet is not None:
+        how, step, size = "eager", eager_unet["s_step"], eager_unet["size"]
+    else:
+        return goals
+    goals.append(dict(goal=f"stretch: guided SILO step ≤ 25 ms ({size}², unet, {how})",
+                      measured=f"{step * 1e3:.1f} ms", target="≤ 25 ms", met=step <= 0.025, note=_by(step, 0.025)))
+    plain = next((r for r in compiled if r["solver"] == "KSampler" and r["backend"] == "eager"
+                  and r["error"] is None), None)
+    if best is not None and plain is not None:
+        ratio = best["s_step"] / plain["s_step"]
+        goals.append(dict(goal=f"stretch: compiled guided SILO step faster than the host's eager unguided KSampler "
+                               f"step ({size}², {how})", measured=f"{ratio:.2f}× ({step * 1e3:.1f} vs "
+                          f"{plain['s_step'] * 1e3:.1f} ms)", target="< 1×", met=ratio < 1.0,
+                      note="" if ratio < 1.0 else f"missed by {100 * (ratio - 1):.0f}%"))
+    failed = [r for r in compiled if r["error"] is not None]
+    if failed:
+        goals.append(dict(goal="every compiled variant runs", measured=f"{len(failed)} failed", target="0 failed",
+                          met=False, note="; ".join(f"{r['solver']} {r['backend']}/{r['mode'] or 'default'}: "
+                                                    f"{r['error']}" for r in failed)[:400]))
     return goals
 
 
@@ -407,7 +504,8 @@ def render_markdown(res: dict) -> list[str]:
              f"### Solver benchmark — preset `{m['preset']}` ({m['variant']} random-weight SD1.5)",
              "",
              f"{m['device']}, torch {m['torch']}, ComfyUI {m['comfyui']}, UNet {m['unet_dtype']}, VAE {m['vae_dtype']}, "
-             f"{m['date']}, commit {m['commit']}. Produced by `{m['command']}`.",
+             f"{m['date']}, commit {m['commit']}. Produced by "
+             + "; ".join(f"`{c}`" for c in m.get("commands") or [m["command"]]) + ".",
              "",
              f"Gaussian blur {m['blur'][0]}×{m['blur'][0]} σ={m['blur'][1]} + noise 0.01, scheduler normal, "
              f"{m['steps']} steps; SILO η 0.5 ddpm clamp 1 (untrained operator); Latent-DPS η 1; PSLD η 1 γ 0.1; "
@@ -442,6 +540,30 @@ def render_markdown(res: dict) -> list[str]:
             lines.append(f"| {t['size']}², batch {t['batch']} | {t['steps_per_s']:.2f} | {t['images_per_s']:.1f} | "
                          f"{_gib(t['peak_gib'])} | {reach} | {t['heldout_l1']:.4f} / {t['identity_l1']:.4f} |")
         lines.append("")
+    if res.get("compiled"):
+        lines += ["Stretch: the UNet compiled with the host's `set_torch_compile_wrapper` (its TorchCompileModel "
+                  "node's mechanism; `mode` added), batch 1, CFG 1. The first run includes compilation and CUDA-graph "
+                  "capture; graphs / graph breaks / CUDA-graph skips are torch.compile's own counters during that "
+                  "solver's runs (graphs it added to the variant's cache; the solvers run in the order shown).",
+                  "",
+                  "| solver | UNet | size | first run s | s/image | s/step | × eager KSampler | × KSampler same UNet | "
+                  "peak GiB | graphs / breaks / cudagraph skips |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in res["compiled"]:
+            unet = "eager" if r["backend"] == "eager" else f"{r['backend']}/{r['mode'] or 'default'}"
+            if r["error"] is not None:
+                err = r["error"].replace("|", "\\|")
+                lines.append(f"| {r['solver']} | {unet} | {r['size']}² | failed: {err} | | | | | | |")
+                continue
+            counts = (f"{r['graphs']} / {r['breaks']} / {r['cudagraph_skips']}" if "graphs" in r else "—")
+            lines.append(f"| {r['solver']} | {unet} | {r['size']}² | {r['first_s']:.2f} | {r['s_image']:.3f} | "
+                         f"{r['s_step']:.4f} | {r['x_eager_ksampler']:.2f} | {r['x_ksampler']:.2f} | "
+                         f"{_gib(r['peak_gib'])} | {counts} |")
+        lines.append("")
+        reasons = [(r, why) for r in res["compiled"] for why in r.get("break_reasons") or []]
+        if reasons:
+            lines += ["Graph breaks (count× first line of torch.compile's reason):", ""]
+            lines += [f"- {r['solver']}, {r['backend']}/{r['mode'] or 'default'}: {why}" for r, why in reasons]
+            lines.append("")
     if res.get("goals"):
         lines += ["| goal (issue 6) | measured | target | met |", "|---|---|---|---|"]
         for g in res["goals"]:
@@ -484,8 +606,7 @@ def plot_results(res: dict, path: Path) -> Path:
                      xlabel="image side (pixels)", ylabel="seconds per image (log)")
 
 
-def benchmark(host, ckpt_name: str, preset_name: str, sections=("sampling", "paper", "components", "training"),
-              log=print, **overrides) -> dict:
+def benchmark(host, ckpt_name: str, preset_name: str, sections=SECTIONS, log=print, **overrides) -> dict:
     """Run the harness on an already started in-process host; returns the results dict (see module docstring)."""
     p = dict(PRESETS[preset_name], **overrides)
     b = Bench(host, ckpt_name, p)
@@ -514,29 +635,72 @@ def benchmark(host, ckpt_name: str, preset_name: str, sections=("sampling", "pap
         res["components"] = run_components(b, log)
     if "training" in sections:
         res["training"] = run_training(b, log)
+    if "compiled" in sections:
+        res["compiled"] = run_compiled(b, log)
     res["goals"] = evaluate_goals(res)
     return res
+
+
+#: how the rows of each section are identified when the results of several calls are merged
+MERGE_KEYS = {"sampling": ("solver", "size", "batch", "cfg"), "components": ("what", "size"),
+              "training": ("size", "batch"), "compiled": ("solver", "backend", "mode", "size")}
+
+
+def merge_results(old: dict, new: dict) -> dict:
+    """The results of an earlier call (``old``) with this call's (``new``) laid over them, for a GPU run split into
+    several calls: rows of the same configuration are replaced, others kept; the paper row is replaced when this call
+    has one; the goals are judged again on the merged numbers. Each row keeps the ratios measured in its own call.
+    Results from another device, preset or checkpoint variant are refused: their timings do not compare."""
+    for key in ("device", "preset", "variant", "steps"):
+        if old["meta"].get(key) != new["meta"].get(key):
+            raise ValueError(f"cannot merge: the earlier results have {key} {old['meta'].get(key)!r}, this run "
+                             f"{new['meta'].get(key)!r}; use another --out folder (or leave out --merge)")
+    res = {"meta": dict(new["meta"])}
+    res["meta"]["commands"] = [*(old["meta"].get("commands") or [old["meta"]["command"]]), new["meta"]["command"]]
+    for section, keys in MERGE_KEYS.items():
+        rows = {tuple(r[k] for k in keys): r for r in old.get(section) or []}
+        rows.update({tuple(r[k] for k in keys): r for r in new.get(section) or []})
+        if rows:
+            res[section] = list(rows.values())
+    if new.get("paper") or old.get("paper"):
+        res["paper"] = new.get("paper") or old["paper"]
+    res["goals"] = evaluate_goals(res)
+    return res
+
+
+def parse_compile_variant(text: str) -> tuple[str, str | None]:
+    """``"inductor:reduce-overhead"`` -> ``("inductor", "reduce-overhead")``; ``"cudagraphs"`` -> ``("cudagraphs",
+    None)`` (torch.compile's default mode)."""
+    backend, _, mode = text.strip().partition(":")
+    if not backend or ":" in mode:
+        raise ValueError(text)
+    return backend, (mode or None) if mode != "default" else None
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="gpu")
-    ap.add_argument("--sections", default="sampling,paper,components,training",
-                    help="comma-separated subset of sampling,paper,components,training")
+    ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
     ap.add_argument("--markdown", default=None, help="write (replace) this preset's tables in this markdown file")
     ap.add_argument("--plot", default=None, help="PNG path for the time-per-image plot")
     ap.add_argument("--out", default=None, help="folder for results.json, results.md and the plot")
+    ap.add_argument("--merge", action="store_true",
+                    help="merge with the results.json already in --out (a GPU run split into several calls): the "
+                         "tables and goals then cover every call")
     ap.add_argument("--repeats", type=int, default=None, help="override the preset's timed repeats")
     ap.add_argument("--max-config-seconds", type=float, default=None,
                     help="stop repeating a configuration after this many seconds (0 = always all repeats)")
     ap.add_argument("--configs", default=None,
                     help="override the preset's SIZExBATCH list, e.g. 512x1,1024x1 (the first size is the base)")
     ap.add_argument("--cfgs", default=None, help="override the preset's CFG list, e.g. 1,7.5")
+    ap.add_argument("--compile", default=None,
+                    help="override the preset's torch.compile variants for the compiled section: BACKEND[:MODE] "
+                         "items, e.g. inductor:reduce-overhead,cudagraphs")
     ap.add_argument("--cpu", action="store_true", help="run on the CPU even when CUDA is available")
     ap.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH") or os.path.expanduser("~/ComfyUI"))
     args = ap.parse_args(argv)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-    unknown = set(sections) - {"sampling", "paper", "components", "training"}
+    unknown = set(sections) - set(SECTIONS)
     if unknown:
         ap.error(f"unknown sections {sorted(unknown)}")
     overrides = {k: v for k, v in (("repeats", args.repeats), ("max_config_seconds", args.max_config_seconds))
@@ -548,8 +712,21 @@ def main(argv=None) -> int:
                 raise ValueError
         if args.cfgs:
             overrides["cfgs"] = [float(v) for v in args.cfgs.split(",")]
+        if args.compile:
+            overrides["compile"] = [parse_compile_variant(v) for v in args.compile.split(",") if v.strip()]
     except ValueError:
-        ap.error("--configs takes SIZExBATCH items (size a multiple of 8), e.g. 512x1,512x4; --cfgs numbers, e.g. 1,7.5")
+        ap.error("--configs takes SIZExBATCH items (size a multiple of 8), e.g. 512x1,512x4; --cfgs numbers, e.g. "
+                 "1,7.5; --compile BACKEND[:MODE] items, e.g. inductor:reduce-overhead,cudagraphs")
+
+    previous = None
+    if args.merge:
+        if not args.out:
+            ap.error("--merge needs --out: the folder that holds the earlier call's results.json")
+        if (Path(args.out) / "results.json").exists():
+            previous = json.loads((Path(args.out) / "results.json").read_text(encoding="utf-8"))
+            if previous["meta"].get("preset") != args.preset:
+                ap.error(f"--merge: {args.out}/results.json holds preset {previous['meta'].get('preset')!r}, not "
+                         f"{args.preset!r}; use another --out folder")
 
     sys.path.insert(0, str(ROOT / "tests"))
     from support.host import InProcessHost, ensure_checkpoint, make_base_directory
@@ -567,6 +744,14 @@ def main(argv=None) -> int:
         res = benchmark(host, ckpt.name, args.preset, sections, **overrides)
     res["meta"]["command"] = "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:])
     out = Path(args.out) if args.out else None
+    if previous is not None:
+        try:
+            res = merge_results(previous, res)
+        except ValueError as e:  # keep this call's numbers, then say why they were not merged
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "results.unmerged.json").write_text(json.dumps(res, indent=2, default=str), encoding="utf-8")
+            print(f"benchmarks.run: {e}; this call's results are in {out / 'results.unmerged.json'}", file=sys.stderr)
+            return 2
     plot = Path(args.plot) if args.plot else (out / "time_per_image.png" if out else None)
     if plot and res.get("sampling"):
         plot_results(res, plot)

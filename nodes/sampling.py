@@ -358,8 +358,8 @@ class SiloSampler(io.ComfyNode):
             display_name="SILO Sampler",
             category=CATEGORY,
             description=("SILO guidance as a SAMPLER for SamplerCustom / SamplerCustomAdvanced (use with any "
-                         "scheduler's SIGMAS, guider and noise). Attention is forced to PyTorch SDPA only in SILO "
-                         "KSampler; with SamplerCustom use gradient 'x0' if your attention backend lacks backward."),
+                         "scheduler's SIGMAS, guider and noise). Its own run uses PyTorch SDPA attention (others, "
+                         "e.g. SageAttention, cut gradients); your MODEL is not changed."),
             inputs=[io.Model.Input("model", tooltip="The checkpoint's MODEL (for its latent format)."), *SILO_INPUTS],
             outputs=[io.Sampler.Output("SAMPLER", display_name="SAMPLER", tooltip="For SamplerCustom / SamplerCustomAdvanced.")],
         )

@@ -16,7 +16,15 @@ pytestmark = pytest.mark.comfy
 
 
 def test_cpu_smoke_preset_runs_every_solver_and_writes_the_tables(comfy_host, small_checkpoint, tmp_path):
-    from benchmarks.run import PRESETS, SOLVERS, benchmark, plot_results, render_markdown, write_markdown
+    from benchmarks.run import (
+        COMPILED_SOLVERS,
+        PRESETS,
+        SOLVERS,
+        benchmark,
+        plot_results,
+        render_markdown,
+        write_markdown,
+    )
 
     res = benchmark(comfy_host, small_checkpoint.name, "cpu-smoke", log=lambda *a: None)
     p = PRESETS["cpu-smoke"]
@@ -37,8 +45,18 @@ def test_cpu_smoke_preset_runs_every_solver_and_writes_the_tables(comfy_host, sm
     assert [t["batch"] for t in res["training"]] == p["train"]["batches"]
     assert all(t["steps_per_s"] > 0 and t["images_per_s"] == pytest.approx(t["steps_per_s"] * t["batch"])
                for t in res["training"])
+    compiled = res["compiled"]  # eager, then each torch.compile variant of the preset (cpu-smoke: aot_eager)
+    assert [(r["solver"], r["backend"]) for r in compiled] == [
+        (s, b) for b in ["eager"] + [v[0] for v in p["compile"]] for s in COMPILED_SOLVERS]
+    assert all(r["error"] is None and r["s_run"] > 0 and r["first_s"] > 0 for r in compiled), compiled
+    aot = [r for r in compiled if r["backend"] == "aot_eager"]
+    assert aot[0]["x_ksampler"] == 1.0 and all(math.isfinite(r["x_eager_ksampler"]) for r in aot)
+    unet = next(r for r in aot if r["solver"] == "SILO unet")
+    assert unet["graphs"] >= 1 and unet["breaks"] == 0, "the guided UNet (SDPA attention) compiles as one graph"
     goals = {g["goal"] for g in res["goals"]}
-    assert any(g.startswith("ReSample: 64²") for g in goals) and any(g.startswith("stretch") for g in goals)
+    assert any(g.startswith("ReSample: 64²") for g in goals)
+    assert any(g.startswith("stretch: guided SILO step ≤ 25 ms (32², unet, UNet compiled: aot_eager") for g in goals)
+    assert any(g.startswith("stretch: compiled guided SILO step faster") for g in goals)
 
     res["plot"] = plot_results(res, tmp_path / "plot.png").name
     lines = render_markdown(res)
@@ -48,4 +66,5 @@ def test_cpu_smoke_preset_runs_every_solver_and_writes_the_tables(comfy_host, sm
     for solver in SOLVERS:
         assert f"| {solver} | 64² | 1 | 7.5 |" in text
     assert "| VAE decoder forward+backward | 32² |" in text and "box inpainting" in text
+    assert "| SILO unet | aot_eager/default | 32² |" in text
     assert "![time per image vs image size](plot.png)" in text and (tmp_path / "plot.png").stat().st_size > 1000

@@ -208,3 +208,48 @@ def test_sampler_nodes_force_sdpa_attention_for_their_run_only(comfy_host, sd15_
     comfy_host.run_node("SamplerCustomAdvanced", noise=noise, guider=guider, sampler=euler, sigmas=sigmas,
                         latent_image=latent)
     assert calls, "a plain sampler still runs the MODEL's own attention"
+
+
+def test_silo_gradients_go_through_a_unet_compiled_by_the_host(comfy_host, sd15_small):
+    """The host's TorchCompileModel mechanism (``set_torch_compile_wrapper``: a model-scoped APPLY_MODEL wrapper
+    that swaps in a ``torch.compile``d UNet) composes with SILO: both gradient modes run the compiled UNet — in
+    'unet' mode its compiled backward too — and give what the eager UNet gives. The backend counts its graphs'
+    calls (AOTAutograd without code generation, so no C++ compiler is needed)."""
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._dynamo.utils import counters
+    from torch._functorch.aot_autograd import make_boxed_func
+
+    model, clip, vae = sd15_small
+    (cond,) = comfy_host.run_node("CLIPTextEncode", text="a photo", clip=clip)
+    meas, latent = _blur_measurement(comfy_host, vae)
+    op = _operator(comfy_host, SD15)
+    calls = {"forward": 0, "backward": 0}
+
+    def counting(kind):
+        def compiler(gm, example_inputs):
+            def run(*args):
+                calls[kind] += 1
+                return gm(*args)
+            return make_boxed_func(run)
+        return compiler
+
+    compiled = model.clone()
+    set_torch_compile_wrapper(model=compiled, backend=aot_autograd(fw_compiler=counting("forward"),
+                                                                   bw_compiler=counting("backward")))
+    torch._dynamo.reset()
+    try:
+        for mode, backward in (("unet", 3), ("x0", 0)):
+            calls.update(forward=0, backward=0)
+            counters.clear()
+            out, trace = _run(comfy_host, compiled, cond, latent, meas, op, steps=3, eta=2.0, gradient=mode,
+                              grad_clamp=0.0)
+            assert calls == {"forward": 3, "backward": backward}, (mode, calls)
+            assert not counters["graph_break"], f"the guided UNet compiles as one graph: {dict(counters['graph_break'])}"
+            ref, ref_trace = _run(comfy_host, model, cond, latent, meas, op, steps=3, eta=2.0, gradient=mode,
+                                  grad_clamp=0.0)
+            assert calls["forward"] == 3, "the user's own MODEL is not compiled"
+            torch.testing.assert_close(out["samples"], ref["samples"], rtol=1e-4, atol=1e-4)
+            assert [t["grad_norm"][0] for t in trace] == pytest.approx([t["grad_norm"][0] for t in ref_trace], rel=1e-4)
+    finally:
+        torch._dynamo.reset()
