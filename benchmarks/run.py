@@ -62,13 +62,15 @@ PRESETS: dict[str, dict] = {
     "gpu": dict(
         variant="full", configs=[(512, 1), (512, 4), (1024, 1)], cfgs=[1.0, 7.5], steps=50, repeats=3,
         max_config_seconds=20.0, paper_steps=999, blur=(61, 3.0), component_repeats=20,
-        resample=dict(consistency_every=10, latent_steps=100, lr=5e-3, tolerance=1e-3),
+        resample=dict(consistency_every=10, latent_steps=100, lr=5e-3, optimization="auto", pixel_steps=200,
+                      tolerance=1e-3),
         train=dict(size=512, batches=[8, 16], steps=200, eval_every=25, margin=0.9),
         compile=[("inductor", "reduce-overhead"), ("inductor", None), ("cudagraphs", None)]),
     "cpu-smoke": dict(
         variant="small", configs=[(32, 1), (32, 2), (64, 1)], cfgs=[1.0, 7.5], steps=2, repeats=1,
         max_config_seconds=0.0, paper_steps=3, blur=(9, 2.0), component_repeats=1,
-        resample=dict(consistency_every=1, latent_steps=3, lr=5e-3, tolerance=1e-3),
+        resample=dict(consistency_every=1, latent_steps=3, lr=5e-3, optimization="auto", pixel_steps=3,
+                      tolerance=1e-3),
         train=dict(size=32, batches=[2, 4], steps=3, eval_every=1, margin=0.9),
         compile=[("aot_eager", None)]),
 }
@@ -509,8 +511,10 @@ def render_markdown(res: dict) -> list[str]:
              "",
              f"Gaussian blur {m['blur'][0]}×{m['blur'][0]} σ={m['blur'][1]} + noise 0.01, scheduler normal, "
              f"{m['steps']} steps; SILO η 0.5 ddpm clamp 1 (untrained operator); Latent-DPS η 1; PSLD η 1 γ 0.1; "
-             f"ReSample consistency every {m['resample']['consistency_every']} steps, ≤{m['resample']['latent_steps']}"
-             f" Adam steps each, γ 40. Median of up to {m['repeats']} timed run(s) after a warm-up.",
+             f"ReSample consistency every {m['resample']['consistency_every']} steps "
+             f"({m['resample'].get('optimization', 'auto')}: ≤{m['resample'].get('pixel_steps', 2000)} pixel-space / "
+             f"≤{m['resample']['latent_steps']} latent-space Adam steps each), γ 40. Median of up to {m['repeats']} "
+             "timed run(s) after a warm-up.",
              ""]
     if res.get("sampling"):
         lines += ["| solver | size | batch | cfg | s/image | s/step | × KSampler | peak VRAM GiB | runs |",

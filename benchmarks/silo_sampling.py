@@ -115,8 +115,8 @@ def run(args, host, ckpt: Path) -> int:
             ("Latent DPS KSampler", "SILOLatentDPSKSampler", dps),
             ("PSLD (Latent DPS KSampler, gluing 0.1)", "SILOLatentDPSKSampler", dict(dps, gluing=0.1)),
             ("ReSample KSampler (every 10 steps, ≤500 its)", "SILOReSampleKSampler",
-             dict(measurement=meas, vae=vae, consistency_every=10, latent_steps=500, lr=5e-3, tolerance=1e-3,
-                  gamma=40.0, variance="paper", dps_eta=0.0, early_stop=-1)),
+             dict(measurement=meas, vae=vae, consistency_every=10, latent_steps=500, lr=5e-3, optimization="auto",
+                  pixel_steps=2000, tolerance=1e-3, gamma=40.0, variance="paper", dps_eta=0.0, early_stop=-1)),
         ]
 
     def sync():

@@ -32,6 +32,7 @@ def pixel_guided_sampler_function(model, x, sigmas, extra_args=None, callback=No
     against the latent, then the pure-torch solver."""
     solver = options.pop("solver")
     node, fn = SOLVERS[solver]
+    node = options.pop("node", node)
     meas = options.pop("measurement")
     vae = options.pop("vae")
     model_patcher = options.pop("model_patcher")
@@ -73,15 +74,16 @@ def pixel_guided_sampler_function(model, x, sigmas, extra_args=None, callback=No
                           degradation=degradation, decoder=decode, **options).to(dtype)
 
 
-def build_pixel_sampler(solver: str, model, vae, measurement, **opts):
+def build_pixel_sampler(solver: str, model, vae, measurement, node: str | None = None, **opts):
     import comfy.samplers
 
-    node = SOLVERS[solver][0]
+    node = node or SOLVERS[solver][0]
     if measurement is None or getattr(measurement, "pixels", None) is None:
         raise SiloInputError(node, "measurement", "no pixel measurement was given.",
                              "Connect the MEASUREMENT output of Encode Measurement.")
     trace: list = []
-    options = {"solver": solver, "measurement": measurement, "vae": vae, "model_patcher": model, "trace": trace,
+    options = {"solver": solver, "node": node, "measurement": measurement, "vae": vae, "model_patcher": model,
+               "trace": trace,
                **opts}
     return comfy.samplers.KSAMPLER(pixel_guided_sampler_function, extra_options=options), trace
 
@@ -127,8 +129,17 @@ def _resample_inputs():
                      tooltip="Hard data consistency every this many steps in the later part of sampling (0 = off, "
                              "plain DDIM)."),
         io.Int.Input("latent_steps", default=500, min=1, max=100000,
-                     tooltip="Optimiser iterations of each latent-space consistency step (through the decoder)."),
+                     tooltip="At most this many optimiser iterations per latent-space consistency step (each one a "
+                             "decoder forward+backward)."),
         io.Float.Input("lr", default=5e-3, min=1e-6, max=1.0, step=1e-4, tooltip="Learning rate of that optimiser."),
+        io.Combo.Input("optimization", options=["auto", "latent", "pixel"], default="auto",
+                       tooltip="How consistency is enforced. auto (the authors' code): pixel-space optimisation in "
+                               "the middle third of sampling, latent-space in the last third. latent: optimise the "
+                               "latent through the decoder every time (the paper's main variant; slower). pixel: "
+                               "optimise the decoded image, then encode it back (cheapest per iteration)."),
+        io.Int.Input("pixel_steps", default=2000, min=1, max=100000,
+                     tooltip="At most this many optimiser iterations per pixel-space consistency step (the authors' "
+                             "code: 2000, learning rate 1e-2; cheap: no decoder backward)."),
         io.Float.Input("tolerance", default=1e-3, min=0.0, max=1.0, step=1e-4,
                        tooltip="Stop optimising once the measurement error falls below this."),
         io.Float.Input("gamma", default=40.0, min=0.0, max=1000.0, step=0.5,
@@ -143,8 +154,10 @@ def _resample_inputs():
     ]
 
 
-def _resample_options(consistency_every, latent_steps, lr, tolerance, gamma, variance, dps_eta, early_stop) -> dict:
+def _resample_options(consistency_every, latent_steps, lr, optimization, pixel_steps, tolerance, gamma, variance,
+                      dps_eta, early_stop) -> dict:
     return {"consistency_every": int(consistency_every), "latent_steps": int(latent_steps), "lr": float(lr),
+            "optimization": optimization, "pixel_steps": int(pixel_steps),
             "tolerance": float(tolerance), "gamma": float(gamma), "variance": variance, "dps_eta": float(dps_eta),
             "early_stop": None if early_stop < 0 else int(early_stop)}
 
@@ -194,11 +207,12 @@ class ReSampleKSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, seed, steps, cfg, scheduler, positive, negative, latent_image, denoise, measurement, vae,
-                consistency_every, latent_steps, lr, tolerance, gamma, variance, dps_eta, early_stop) -> io.NodeOutput:
+                consistency_every, latent_steps, lr, optimization, pixel_steps, tolerance, gamma, variance, dps_eta,
+                early_stop) -> io.NodeOutput:
         sampler, trace = build_pixel_sampler(
             "resample", model, vae, measurement,
-            **_resample_options(consistency_every, latent_steps, lr, tolerance, gamma, variance, dps_eta,
-                                early_stop))
+            **_resample_options(consistency_every, latent_steps, lr, optimization, pixel_steps, tolerance, gamma,
+                                variance, dps_eta, early_stop))
         out = run_guided_ksampler(model, sampler, seed, steps, cfg, scheduler, positive, negative, latent_image,
                                   denoise)
         return io.NodeOutput(out, trace, ui=ui.PreviewText(trace_text(trace, "‖y − A(D(ẑ₀))‖")))
@@ -219,7 +233,7 @@ class LatentDPSSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, measurement, vae, eta, gluing, gluing_norm, update, gradient, grad_clamp,
                 early_stop) -> io.NodeOutput:
-        sampler, _ = build_pixel_sampler("latent_dps", model, vae, measurement,
+        sampler, _ = build_pixel_sampler("latent_dps", model, vae, measurement, node="Latent DPS / PSLD Sampler",
                                          **_dps_options(eta, gluing, gluing_norm, update, gradient, grad_clamp,
                                                         early_stop))
         return io.NodeOutput(sampler)
@@ -239,10 +253,10 @@ class ReSampleSampler(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, measurement, vae, consistency_every, latent_steps, lr, tolerance, gamma, variance,
-                dps_eta, early_stop) -> io.NodeOutput:
+    def execute(cls, model, measurement, vae, consistency_every, latent_steps, lr, optimization, pixel_steps,
+                tolerance, gamma, variance, dps_eta, early_stop) -> io.NodeOutput:
         sampler, _ = build_pixel_sampler(
-            "resample", model, vae, measurement,
-            **_resample_options(consistency_every, latent_steps, lr, tolerance, gamma, variance, dps_eta,
-                                early_stop))
+            "resample", model, vae, measurement, node="ReSample Sampler",
+            **_resample_options(consistency_every, latent_steps, lr, optimization, pixel_steps, tolerance, gamma,
+                                variance, dps_eta, early_stop))
         return io.NodeOutput(sampler)

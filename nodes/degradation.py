@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from comfy_api.latest import io
 
 from ..operators.degradations import DEFAULT_MEASUREMENT_NOISE, add_noise, build_degradation
@@ -26,6 +28,21 @@ def spec_from_widgets(kind: str, *, blur_kernel_size: int, blur_sigma: float, sr
     if kind == "jpeg":
         return {"type": kind, "quality": jpeg_quality}
     return {"type": kind}
+
+
+#: spec field -> the widget it comes from, to name the right input in errors
+WIDGET_OF_FIELD = {"kernel_size": "blur_kernel_size", "sigma": "blur_sigma", "factor": "sr_factor", "top": "box_top",
+                   "left": "box_left", "height": "box_height", "width": "box_width", "size": "random_box_size",
+                   "seed": "random_box_seed", "quality": "jpeg_quality"}
+
+
+def widget_of_error(kind: str, message: str) -> str:
+    """The widget a spec error is about (``field 'sigma'`` -> ``blur_sigma``); ``mask`` for mask errors, else
+    ``type``."""
+    m = re.search(r"field '(\w+)'", message)
+    if m and m.group(1) in WIDGET_OF_FIELD:
+        return WIDGET_OF_FIELD[m.group(1)]
+    return "mask" if kind == "mask_inpaint" and "mask" in message else "type"
 
 
 class DegradationNode(io.ComfyNode):
@@ -83,7 +100,7 @@ class DegradationNode(io.ComfyNode):
         try:
             deg = build_degradation(spec, mask=mask_to_b1hw(mask) if type == "mask_inpaint" else None)
         except ValueError as e:
-            raise SiloInputError("Degradation (SILO)", type, str(e)) from None
+            raise SiloInputError("Degradation (SILO)", widget_of_error(type, str(e)), f"{type}: {e}.") from None
         return io.NodeOutput(deg)
 
 

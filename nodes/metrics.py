@@ -6,7 +6,7 @@ import math
 
 from comfy_api.latest import io, ui
 
-from ..operators.metrics import lpips_status, measurement_consistency, pixel_uncertainty, psnr, ssim
+from ..operators.metrics import measurement_consistency, pixel_uncertainty, psnr, ssim
 from .common import CATEGORY, Measurement, SiloInputError, bchw_to_image, image_to_bchw
 
 
@@ -23,7 +23,7 @@ class RestorationMetrics(io.ComfyNode):
             category=CATEGORY,
             description=("Scores a restoration: PSNR and SSIM against a reference (the clean original, when you "
                          "have it) and measurement consistency ‖A(x̂) − y‖ against the degraded photo, next to its "
-                         "noise floor. LPIPS is reported only when its weights are installed locally."),
+                         "noise floor."),
             is_output_node=True,
             inputs=[
                 io.Image.Input("image", tooltip="The restored image(s)."),
@@ -63,7 +63,6 @@ class RestorationMetrics(io.ComfyNode):
             p_mean, s_mean = sum(p) / len(p), sum(s) / len(s)
             for i, (pi, si) in enumerate(zip(p, s, strict=True)):
                 lines.append(f"image {i}: PSNR {_fmt(pi, ' dB')}, SSIM {_fmt(si)}")
-            lines.append(f"LPIPS: {lpips_status()}")
         if measurement is not None:
             try:
                 c = measurement_consistency(x, measurement.pixels.to(x.device), measurement.degradation,
@@ -83,7 +82,7 @@ def _uncertainty_outputs() -> list:
     return [
         io.Image.Output("mean", display_name="mean", tooltip="Pixel-wise mean (an MMSE-like estimate)."),
         io.Image.Output("uncertainty", display_name="uncertainty",
-                        tooltip="Heat map of the per-pixel standard deviation (black 0 → white max)."),
+                        tooltip="Heat map of the per-pixel standard deviation (black 0 → red → yellow → white max)."),
         io.Mask.Output("std", display_name="std", tooltip="The per-pixel standard deviation itself (0-1 scale), as a "
                                                           "MASK."),
     ]

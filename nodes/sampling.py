@@ -67,10 +67,19 @@ class EncodeMeasurement(io.ComfyNode):
                    if spec["type"] == "super_resolution" else "Crop or pad the photo to a multiple of 8 pixels.")
             raise SiloInputError(node, "image", f"the restored size {w}x{h} is not a multiple of 8.", fix)
         lifted = degradation.lift(y, size=(h, w)) if spec["type"] == "super_resolution" else y.clamp(0, 1)
-        mask = degradation.pixel_mask((y.shape[0], 3, h, w))
-        if mask is not None and mask.shape[0] not in (1, y.shape[0]):
-            raise SiloInputError(node, "degradation", f"the mask has batch {mask.shape[0]} but the image batch is "
-                                 f"{y.shape[0]}.", "Use one mask, or one per image.")
+        try:
+            mask = degradation.pixel_mask((y.shape[0], 3, h, w))
+        except ValueError as e:
+            raise SiloInputError(node, "degradation", f"{e}.", "Make the box fit inside the photo (Degradation "
+                                 "node), or draw the mask on this photo.") from None
+        if mask is not None:
+            if mask.shape[0] not in (1, y.shape[0]):
+                raise SiloInputError(node, "degradation", f"the mask has batch {mask.shape[0]} but the image batch is "
+                                     f"{y.shape[0]}.", "Use one mask, or one per image.")
+            # only the pixels outside the mask are measured, y = A(x) = x·(1−m): what the photo still shows under
+            # the mask (a photo with its holes painted in the mask editor) is not part of the measurement
+            keep = 1.0 - mask.to(device=y.device, dtype=y.dtype)
+            y, lifted = y * keep, lifted * keep
         latent = vae.encode(lifted.movedim(1, -1))
         meas = EncodedMeasurement(latent=latent, pixels=y, lifted=lifted, degradation=degradation,
                                   noise_sigma=float(noise_sigma), pixel_mask=mask)
@@ -124,18 +133,19 @@ def silo_sampler_function(model, x, sigmas, extra_args=None, callback=None, disa
     meas: EncodedMeasurement = options.pop("measurement")
     op = options.pop("operator")
     model_patcher = options.pop("model_patcher")
+    node = options.pop("node", "SILO KSampler")
     trace = options.setdefault("trace", [])
     trace.clear()  # a SAMPLER reused by SamplerCustom records its latest run only
     dev, dtype = x.device, x.dtype
     with torch.inference_mode(False):
         w = process_in(model_patcher, meas.latent.to(dev, torch.float32)).clamp(-LATENT_CLAMP, LATENT_CLAMP).clone()
         if w.shape[-2:] != x.shape[-2:]:
-            raise SiloInputError("SILO KSampler", "latent_image",
+            raise SiloInputError(node, "latent_image",
                                  f"the latent is {x.shape[-1] * 8}x{x.shape[-2] * 8} px but the measurement was encoded "
                                  f"at {w.shape[-1] * 8}x{w.shape[-2] * 8} px.",
-                                 "Encode the degraded photo with VAE Encode (or Empty Latent Image) of the same size.")
+                                 "Use Encode Measurement's latent_image output (or a latent of the same size).")
         if w.shape[0] not in (1, x.shape[0]):
-            raise SiloInputError("SILO KSampler", "measurement", f"batch {w.shape[0]} does not match the latent "
+            raise SiloInputError(node, "measurement", f"batch {w.shape[0]} does not match the latent "
                                  f"batch {x.shape[0]}.", "Use one measurement per latent, or a single one.")
         module = op.module.to(dev)
         # operators loaded by a node come out of inference mode (the executor runs nodes under it): autograd must be
@@ -178,40 +188,44 @@ def guarded_sample(sample_fn, model, x, sigmas, extra_args, callback, disable, *
         return sample_fn(model, x, sigmas, extra_args=sdpa_extra_args(extra_args), callback=step_callback,
                          disable=disable, **options)
     except torch.OutOfMemoryError as e:
+        gradient = options.get("gradient")  # absent for ReSample, which has no such input
+        advice = ("Try gradient 'x0' (no backward pass through the UNet), a smaller image or batch, or start "
+                  "ComfyUI with --lowvram." if gradient == "unet" else
+                  "Try a smaller image or batch, or start ComfyUI with --lowvram.")
         raise SiloOutOfMemoryError(
-            f"guided sampling ran out of memory at {x.shape[-1] * 8}x{x.shape[-2] * 8} px, batch {x.shape[0]}, "
-            f"gradient '{options.get('gradient', 'unet')}'. Try gradient 'x0' (no backward pass through the UNet: "
-            "about the memory of plain sampling), a smaller image or batch, or start ComfyUI with --lowvram. "
-            f"({str(e).splitlines()[0] if str(e) else 'out of memory'})") from None
+            f"guided sampling ran out of memory at {x.shape[-1] * 8}x{x.shape[-2] * 8} px, batch {x.shape[0]}"
+            + (f", gradient '{gradient}'. " if gradient else ". ") + advice
+            + f" ({str(e).splitlines()[0] if str(e) else 'out of memory'})") from None
 
 
 class SiloOutOfMemoryError(torch.OutOfMemoryError):
     """Out-of-memory with advice; still an OutOfMemoryError, so ComfyUI's executor unloads models as usual."""
 
 
-def check_operator(model, op, measurement=None) -> None:
+def check_operator(model, op, measurement=None, node: str = "SILO KSampler") -> None:
     ok, why = latent_format_compatible(op.latent_format, latent_format_info(model))
     if not ok:
-        raise SiloInputError("SILO KSampler", "operator", f"this operator was trained for another latent space: {why}.",
+        raise SiloInputError(node, "operator", f"this operator was trained for another latent space: {why}.",
                              "Use an operator trained for this checkpoint's model family, or train one with the "
                              "Train Latent Operator node.")
     if measurement is None:
         return
     mismatch = spec_mismatch(op.degradation, measurement.degradation.spec)
     if mismatch and mismatch[0] == "error":
-        raise SiloInputError("SILO KSampler", "operator", mismatch[1] + ".",
+        raise SiloInputError(node, "operator", mismatch[1] + ".",
                              "Load an operator trained for the same degradation as the Degradation node of Encode "
                              "Measurement (or train one with Train Latent Operator).")
     if mismatch:
-        logging.warning("SILO KSampler: %s; results may be off.", mismatch[1])
+        logging.warning("%s: %s; results may be off.", node, mismatch[1])
 
 
-def build_silo_sampler(model, measurement, operator, eta, update, gradient, grad_clamp, early_stop):
+def build_silo_sampler(model, measurement, operator, eta, update, gradient, grad_clamp, early_stop,
+                       node: str = "SILO KSampler"):
     import comfy.samplers
 
-    check_operator(model, operator, measurement)
+    check_operator(model, operator, measurement, node)
     trace: list = []
-    opts = {"measurement": measurement, "operator": operator, "model_patcher": model, "eta": float(eta),
+    opts = {"measurement": measurement, "operator": operator, "model_patcher": model, "node": node, "eta": float(eta),
             "update": update, "gradient": gradient, "grad_clamp": None if grad_clamp <= 0 else float(grad_clamp),
             "early_stop": None if early_stop < 0 else int(early_stop), "trace": trace}
     return comfy.samplers.KSAMPLER(silo_sampler_function, extra_options=opts), trace
@@ -367,5 +381,5 @@ class SiloSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, measurement, operator, eta, update, gradient, grad_clamp, early_stop) -> io.NodeOutput:
         sampler, _trace = build_silo_sampler(model, measurement, operator, eta, update, gradient, grad_clamp,
-                                             early_stop)
+                                             early_stop, node="SILO Sampler")
         return io.NodeOutput(sampler)

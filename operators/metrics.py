@@ -4,19 +4,17 @@
   scikit-image's ``structural_similarity(gaussian_weights=True, use_sample_covariance=False)`` does);
 - :func:`measurement_consistency`: ``‖A(x̂) − y‖₂`` and its RMSE, the quantity DiracDiffusion tracks, next to the
   noise floor ``σ·√n`` that a perfect restoration reaches;
-- :func:`lpips_status`: LPIPS needs pretrained network weights; they are used only when present locally;
 - :func:`pixel_uncertainty`: mean and standard deviation over several restorations of the same measurement (one per
   seed), and a heat map of the standard deviation (Dirac's uncertainty quantification).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import torch
 
-__all__ = ["heatmap", "lpips_status", "measurement_consistency", "pixel_uncertainty", "psnr", "ssim"]
+__all__ = ["heatmap", "measurement_consistency", "pixel_uncertainty", "psnr", "ssim"]
 
 
 def _check_pair(x: torch.Tensor, ref: torch.Tensor, what: str = "reference") -> None:
@@ -79,13 +77,6 @@ def measurement_consistency(x: torch.Tensor, y: torch.Tensor, degradation, noise
     norm = torch.linalg.vector_norm(r, dim=1)
     return {"norm": norm, "rmse": norm / math.sqrt(max(n, 1)), "noise_floor": float(noise_sigma) * math.sqrt(n),
             "count": n}
-
-
-def lpips_status() -> str:
-    """``"available"`` when the ``lpips`` package (with its weights) is importable here, else why not."""
-    if importlib.util.find_spec("lpips") is None:
-        return "unavailable: the 'lpips' package and its pretrained weights are not installed"
-    return "available"
 
 
 def heatmap(values: torch.Tensor, vmax: float | None = None) -> torch.Tensor:

@@ -106,7 +106,8 @@ def _restoration(b, title: str, deg_widgets: dict, operator_stem: str, eta: floa
                      common, title="Latent DPS (baseline)", size=(360, 480))
         rs = b.node("SILOReSampleKSampler", (x3, 1160),
                     {"seed": 0, "steps": STEPS, "cfg": 1.0, "scheduler": "normal", "denoise": 1.0,
-                     "consistency_every": 10, "latent_steps": 500, "lr": 5e-3, "tolerance": 1e-3, "gamma": 40.0,
+                     "consistency_every": 10, "latent_steps": 500, "lr": 5e-3, "optimization": "auto",
+                     "pixel_steps": 2000, "tolerance": 1e-3, "gamma": 40.0,
                      "variance": "paper", "dps_eta": 0.0, "early_stop": -1}, common, title="ReSample (baseline)", size=(360, 480))
         dec_dps = b.node("VAEDecode", (x4, 640), None, {"samples": dps.out("LATENT"), "vae": ckpt.out("VAE")})
         dec_rs = b.node("VAEDecode", (x4, 1160), None, {"samples": rs.out("LATENT"), "vae": ckpt.out("VAE")})
@@ -179,7 +180,9 @@ def train_workflow(b) -> None:
         "1. Load Checkpoint: the checkpoint you will restore with (the operator learns ITS VAE's latent space).\n"
         "2. Degradation: the degradation to learn (Gaussian blur 61/3.0 here). For the other example workflows use "
         "super_resolution 4 or 8, box_inpaint, mask_inpaint or jpeg 10 and the file names they expect: "
-        "super_resolution_x4_sd15, super_resolution_x8_sd15, box_inpaint_sd15, mask_inpaint_sd15, jpeg_q10_sd15.\n"
+        "super_resolution_x4_sd15, super_resolution_x8_sd15, box_inpaint_sd15, mask_inpaint_sd15, jpeg_q10_sd15. For "
+        "box_inpaint set crop_size to 512, the size of the photos you will restore: the box is placed in pixels of "
+        "each training crop, so it must fit in the crop where it lies in the photo.\n"
         "3. Queue. The two KSamplers make 16 varied 512x512 images (change the prompts for your kind of photos; more "
         "and more varied images give better operators). Train Latent Operator saves "
         "models/latent_operators/gaussian_blur_sd15.safetensors (never overwriting: an existing name gets _2) and "

@@ -42,8 +42,8 @@ def _dps(comfy_host, setup, **kw):
 def _resample(comfy_host, setup, **kw):
     model, cond, vae, meas, latent = setup
     args = dict(model=model, positive=cond, negative=cond, latent_image=latent, measurement=meas, vae=vae,
-                consistency_every=1, latent_steps=30, lr=0.05, tolerance=1e-4, gamma=40.0, variance="paper", dps_eta=0.0,
-                early_stop=-1, **COMMON)
+                consistency_every=1, latent_steps=30, lr=0.05, optimization="auto", pixel_steps=2000, tolerance=1e-4,
+                gamma=40.0, variance="paper", dps_eta=0.0, early_stop=-1, **COMMON)
     args.update(kw)
     return comfy_host.run_node("SILOReSampleKSampler", **args)
 
@@ -73,6 +73,42 @@ def test_resample_reduces_the_pixel_error(comfy_host, setup):
         out, trace = _resample(comfy_host, setup, variance=variance)
         assert any(t.get("consistency") for t in trace)
         assert _pixel_error(comfy_host, vae, meas, out) < 0.7 * err_plain, variance
+
+
+def test_resample_optimization_mode_and_iteration_caps_are_the_users(comfy_host, setup):
+    """The node's optimization / pixel_steps / latent_steps reach the solver: each consistency step runs the chosen
+    optimisation and never more iterations than its cap (auto: pixel early, latent late, as the authors' code)."""
+    caps = {"latent": 4, "pixel": 6}
+    for mode in ("auto", "latent", "pixel"):
+        _out, trace = _resample(comfy_host, setup, steps=6, optimization=mode, latent_steps=caps["latent"],
+                                pixel_steps=caps["pixel"], tolerance=0.0)
+        steps = [t for t in trace if t.get("consistency")]
+        modes = [t["mode"] for t in steps]
+        assert steps and all(max(t["iterations"]) == caps[t["mode"]] for t in steps), (mode, steps)
+        if mode == "auto":
+            assert modes[0] == "pixel" and modes[-1] == "latent", modes
+        else:
+            assert set(modes) == {mode}, modes
+
+
+def test_sampler_nodes_name_themselves_in_errors(comfy_host, setup):
+    model, _cond, vae, meas, _latent = setup
+    small = {"samples": torch.zeros(1, 4, 4, 4)}
+    (noise,) = comfy_host.run_node("RandomNoise", noise_seed=0)
+    (sigmas,) = comfy_host.run_node("BasicScheduler", model=model, scheduler="normal", steps=2, denoise=1.0)
+    (guider,) = comfy_host.run_node("BasicGuider", model=model, conditioning=_cond)
+    samplers = {
+        "Latent DPS / PSLD Sampler": comfy_host.run_node(
+            "SILOLatentDPSSampler", model=model, measurement=meas, vae=vae, eta=1.0, gluing=0.0, gluing_norm="squared",
+            update="ddpm", gradient="unet", grad_clamp=0.0, early_stop=-1)[0],
+        "ReSample Sampler": comfy_host.run_node(
+            "SILOReSampleSampler", model=model, measurement=meas, vae=vae, consistency_every=1, latent_steps=3,
+            lr=0.05, optimization="auto", pixel_steps=3, tolerance=1e-4, gamma=40.0, variance="paper", dps_eta=0.0,
+            early_stop=-1)[0]}
+    for name, sampler in samplers.items():
+        with pytest.raises(ValueError, match=rf"\[comfyui-silo\] {name}: input 'latent_image'"):
+            comfy_host.run_node("SamplerCustomAdvanced", noise=noise, guider=guider, sampler=sampler, sigmas=sigmas,
+                                latent_image=small)
 
 
 def test_baselines_leave_no_memory_behind(comfy_host, setup):

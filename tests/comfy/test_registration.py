@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -56,3 +57,24 @@ def test_mask_inpaint_without_mask_is_a_clear_error(comfy_host):
         comfy_host.run_node("SILODegradation", type="mask_inpaint", blur_kernel_size=61, blur_sigma=3.0, sr_factor=4,
                             box_top=0, box_left=0, box_height=8, box_width=8, random_box_size=16, random_box_seed=0,
                             jpeg_quality=10)
+
+
+def test_every_node_has_a_docs_page_listing_its_inputs_and_outputs(comfy_host):
+    """web/docs/<NodeId>.md is what ComfyUI's node-docs panel shows; it must cover the node as it is now."""
+    docs = ROOT / "web" / "docs"
+    ours = _our_nodes(comfy_host)
+    assert {p.stem for p in docs.glob("*.md")} == set(ours), "a docs page per node, none for a node that is gone"
+    for node_id, cls in ours.items():
+        info = cls.GET_NODE_INFO_V1()
+        text = (docs / f"{node_id}.md").read_text(encoding="utf-8")
+        assert text.startswith(f"# {info['display_name']}\n"), node_id
+        inputs, outputs = text.split("## Inputs", 1)[1].split("## Outputs", 1)
+        names = [n for section in ("required", "optional") for n in info["input"].get(section, {})]
+        for name in names:
+            assert inputs.count(f"- **{name}**") == 1, f"{node_id}.md: input {name} is not listed once"
+        for name in info["output_name"]:
+            assert outputs.split("\n## ", 1)[0].count(f"- **{name}**") == 1, f"{node_id}.md: output {name}"
+        listed = {line.split("**")[1] for line in inputs.splitlines() if line.startswith("- **")}
+        assert listed <= set(names), f"{node_id}.md documents inputs the node does not have: {listed - set(names)}"
+        for wf in re.findall(r"`([\w-]+\.json)`", text):
+            assert node_id in (ROOT / "workflows" / wf).read_text(encoding="utf-8"), f"{node_id}.md cites {wf}"

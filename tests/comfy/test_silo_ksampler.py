@@ -108,6 +108,38 @@ def test_super_resolution_measurement_gives_a_full_size_latent(comfy_host, sd15_
     assert latent["samples"].shape == (1, 4, 8, 12)
 
 
+def test_inpainting_measurement_is_the_photo_outside_the_mask(comfy_host, sd15_small):
+    """A photo whose hole still shows content (painted in Load Image's mask editor) is measured as y = x·(1−m),
+    exactly what Apply Degradation makes of it without noise; a box outside the photo is a clear input error."""
+    _model, _clip, vae = sd15_small
+    photo = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(2))
+    mask = torch.zeros(1, 64, 64)
+    mask[:, 8:40, 16:48] = 1.0
+    for widgets in (dict(type="box_inpaint", box_top=8, box_left=16, box_height=32, box_width=32),
+                    dict(type="mask_inpaint", mask=mask)):
+        (deg,) = comfy_host.run_node("SILODegradation", **_deg_widgets(**widgets))
+        applied, _ = comfy_host.run_node("SILOApplyDegradation", image=photo, degradation=deg, noise_sigma=0.0,
+                                         seed=0)
+        meas, latent = comfy_host.run_node("SILOEncodeMeasurement", image=photo, vae=vae, degradation=deg,
+                                           noise_sigma=0.01)
+        ref, ref_latent = comfy_host.run_node("SILOEncodeMeasurement", image=applied, vae=vae, degradation=deg,
+                                              noise_sigma=0.01)
+        assert float(meas.pixels[..., 8:40, 16:48].abs().max()) == 0.0, widgets["type"]
+        torch.testing.assert_close(meas.pixels, ref.pixels)
+        torch.testing.assert_close(latent["samples"], ref_latent["samples"])
+        assert torch.equal(meas.pixels[..., :8, :], photo.movedim(-1, 1)[..., :8, :]), "the rest is the photo"
+    (deg,) = comfy_host.run_node("SILODegradation", **_deg_widgets(type="box_inpaint", box_top=48, box_height=32))
+    with pytest.raises(ValueError, match=r"Encode Measurement: input 'degradation'.*rows 48\.\.79.*64 rows.*fit"):
+        comfy_host.run_node("SILOEncodeMeasurement", image=photo, vae=vae, degradation=deg, noise_sigma=0.01)
+
+
+def test_degradation_errors_name_the_widget(comfy_host):
+    with pytest.raises(ValueError, match=r"Degradation \(SILO\): input 'blur_kernel_size': gaussian_blur: .*odd"):
+        comfy_host.run_node("SILODegradation", **_deg_widgets(blur_kernel_size=8))
+    with pytest.raises(ValueError, match=r"input 'blur_sigma'"):
+        comfy_host.run_node("SILODegradation", **_deg_widgets(blur_sigma=0.0))
+
+
 def _deg_widgets(**kw):
     args = dict(type="gaussian_blur", blur_kernel_size=9, blur_sigma=2.0, sr_factor=4, box_top=0, box_left=0,
                 box_height=8, box_width=8, random_box_size=16, random_box_seed=0, jpeg_quality=10)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,15 @@ def test_object_info_lists_our_nodes_with_their_inputs(comfy_server):
     apply_inputs = info["SILOApplyDegradation"]["input"]["required"]
     assert apply_inputs["degradation"][0] == "DEGRADATION"
     assert apply_inputs["noise_sigma"][1]["default"] == pytest.approx(0.01)
+
+
+def test_the_server_serves_the_node_docs_pages(comfy_server):
+    """The node-docs panel fetches /extensions/<pack folder>/docs/<NodeId>.md from the pack's WEB_DIRECTORY."""
+    listed = json.loads((ROOT / "node_list.json").read_text())
+    for node_id in ("SILOKSampler", "SILOEncodeMeasurement", "SILOLatentOperatorLoader"):
+        url = f"{comfy_server.url}/extensions/comfyui-silo/docs/{node_id}.md"
+        with urllib.request.urlopen(url, timeout=30) as r:
+            assert r.read().decode("utf-8").startswith(f"# {listed[node_id]}\n"), node_id
 
 
 def test_queued_prompt_with_the_random_checkpoint_completes(comfy_server, small_checkpoint):

@@ -119,7 +119,7 @@ def _prepare(api: dict, stem: str, base: Path, checkpoint: str) -> dict:
         elif cls in ("SILOKSampler", "SILOLatentDPSKSampler"):
             inputs["steps"] = 2
         elif cls == "SILOReSampleKSampler":
-            inputs.update(steps=4, consistency_every=1, latent_steps=3)
+            inputs.update(steps=4, consistency_every=1, latent_steps=3, pixel_steps=3)
         elif cls == "KSampler":
             inputs["steps"] = 1
         elif cls == "BasicScheduler":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 
 def live_tensors():
@@ -13,8 +14,8 @@ def live_tensors():
     seen, total, graph = set(), 0, 0
     for obj in gc.get_objects():
         try:
-            if not torch.is_tensor(obj):
-                continue
+            if not torch.is_tensor(obj) or isinstance(obj, FakeTensor) or obj.is_meta:
+                continue  # torch.compile's tracing fakes (kept in its caches) hold no data and no real graph
             if obj.grad_fn is not None or obj.grad is not None:
                 graph += 1
             st = obj.untyped_storage()

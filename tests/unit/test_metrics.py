@@ -11,7 +11,6 @@ import torch
 from comfyui_silo.operators import add_noise, build_degradation
 from comfyui_silo.operators.metrics import (
     heatmap,
-    lpips_status,
     measurement_consistency,
     pixel_uncertainty,
     psnr,
@@ -92,10 +91,8 @@ def test_pixel_uncertainty_is_the_per_pixel_spread():
         pixel_uncertainty(samples[:1])
 
 
-def test_heatmap_is_monotone_and_lpips_says_whether_it_can_run():
+def test_heatmap_is_monotone_from_black_to_white():
     v = torch.linspace(0, 1, 50).view(1, 1, 1, 50)
     h = heatmap(v)
     assert h.shape == (1, 3, 1, 50) and torch.all(h.sum(1).diff(dim=-1) >= 0)
     assert float(h[..., 0].sum()) == 0 and float(h[..., -1].min()) == 1.0
-    status = lpips_status()
-    assert status == "available" or status.startswith("unavailable:")
