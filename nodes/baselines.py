@@ -148,7 +148,8 @@ def _resample_inputs():
                        tooltip="Resampling variance: 'paper' σ² = γ(1−ᾱ_{t−1})/ᾱ_t·(1−ᾱ_t/ᾱ_{t−1}); 'reference' = γ × "
                                "the DDPM posterior variance, as the authors' public code computes it."),
         io.Float.Input("dps_eta", default=0.0, min=0.0, max=50.0, step=0.05,
-                       tooltip="DPS guidance between consistency steps (0 = plain DDIM, as ReSample's default)."),
+                       tooltip="DPS guidance every step, through the UNet and the decoder (the authors' code: 0.5). "
+                               "0 = plain DDIM between consistency steps: this pack's default, much cheaper."),
         io.Int.Input("early_stop", default=-1, min=-1, max=10000,
                      tooltip="-1: run to the end. k: return the denoised estimate at step k."),
     ]
