@@ -155,8 +155,8 @@ class Bench:
                     model=None):
         meas, latent = self.measurement(size)
         latent = dict(latent, samples=latent["samples"].repeat(batch, 1, 1, 1))
-        common = dict(model=self.model if model is None else model, seed=0, steps=steps, cfg=cfg, scheduler="normal", positive=self.positive,
-                      negative=self.negative, latent_image=latent, denoise=1.0)
+        common = dict(model=self.model if model is None else model, seed=0, steps=steps, cfg=cfg, scheduler="normal",
+                      positive=self.positive, negative=self.negative, latent_image=latent, denoise=1.0)
         if solver == "KSampler":
             node, extra = "KSampler", dict(sampler_name="ddpm")
         elif solver.startswith("SILO"):

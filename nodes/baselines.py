@@ -31,8 +31,8 @@ def pixel_guided_sampler_function(model, x, sigmas, extra_args=None, callback=No
     """KSAMPLER function for the pixel-space baselines: differentiable VAE next to the UNet, measurement checked
     against the latent, then the pure-torch solver."""
     solver = options.pop("solver")
-    node, fn = SOLVERS[solver]
-    node = options.pop("node", node)
+    fn = SOLVERS[solver][1]
+    node = options.pop("node")
     meas = options.pop("measurement")
     vae = options.pop("vae")
     model_patcher = options.pop("model_patcher")
@@ -83,8 +83,7 @@ def build_pixel_sampler(solver: str, model, vae, measurement, node: str | None =
                              "Connect the MEASUREMENT output of Encode Measurement.")
     trace: list = []
     options = {"solver": solver, "node": node, "measurement": measurement, "vae": vae, "model_patcher": model,
-               "trace": trace,
-               **opts}
+               "trace": trace, **opts}
     return comfy.samplers.KSAMPLER(pixel_guided_sampler_function, extra_options=options), trace
 
 
@@ -135,7 +134,7 @@ def _resample_inputs():
         io.Combo.Input("optimization", options=["auto", "latent", "pixel"], default="auto",
                        tooltip="How consistency is enforced. auto (the authors' code): pixel-space optimisation in "
                                "the middle third of sampling, latent-space in the last third. latent: optimise the "
-                               "latent through the decoder every time (the paper's main variant; slower). pixel: "
+                               "latent through the decoder every time (the slowest). pixel: "
                                "optimise the decoded image, then encode it back (cheapest per iteration)."),
         io.Int.Input("pixel_steps", default=2000, min=1, max=100000,
                      tooltip="At most this many optimiser iterations per pixel-space consistency step (the authors' "

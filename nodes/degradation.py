@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import re
-
 from comfy_api.latest import io
 
-from ..operators.degradations import DEFAULT_MEASUREMENT_NOISE, add_noise, build_degradation
+from ..operators.degradations import DEFAULT_MEASUREMENT_NOISE, SpecFieldError, add_noise, build_degradation
 from .common import CATEGORY, Degradation, SiloInputError, bchw_to_image, image_to_bchw, mask_to_b1hw
 
 DEGRADATION_TYPES = ["gaussian_blur", "super_resolution", "box_inpaint", "random_box_inpaint", "mask_inpaint", "jpeg",
@@ -34,15 +32,6 @@ def spec_from_widgets(kind: str, *, blur_kernel_size: int, blur_sigma: float, sr
 WIDGET_OF_FIELD = {"kernel_size": "blur_kernel_size", "sigma": "blur_sigma", "factor": "sr_factor", "top": "box_top",
                    "left": "box_left", "height": "box_height", "width": "box_width", "size": "random_box_size",
                    "seed": "random_box_seed", "quality": "jpeg_quality"}
-
-
-def widget_of_error(kind: str, message: str) -> str:
-    """The widget a spec error is about (``field 'sigma'`` -> ``blur_sigma``); ``mask`` for mask errors, else
-    ``type``."""
-    m = re.search(r"field '(\w+)'", message)
-    if m and m.group(1) in WIDGET_OF_FIELD:
-        return WIDGET_OF_FIELD[m.group(1)]
-    return "mask" if kind == "mask_inpaint" and "mask" in message else "type"
 
 
 class DegradationNode(io.ComfyNode):
@@ -99,8 +88,11 @@ class DegradationNode(io.ComfyNode):
                                  "Connect the MASK output of Load Image (draw it in the mask editor) or of a mask node.")
         try:
             deg = build_degradation(spec, mask=mask_to_b1hw(mask) if type == "mask_inpaint" else None)
-        except ValueError as e:
-            raise SiloInputError("Degradation (SILO)", widget_of_error(type, str(e)), f"{type}: {e}.") from None
+        except SpecFieldError as e:
+            raise SiloInputError("Degradation (SILO)", WIDGET_OF_FIELD.get(e.field, "type"), f"{type}: {e}.") from None
+        except ValueError as e:  # the mask (the only other input build_degradation checks)
+            raise SiloInputError("Degradation (SILO)", "mask" if type == "mask_inpaint" else "type",
+                                 f"{type}: {e}.") from None
         return io.NodeOutput(deg)
 
 

@@ -40,6 +40,7 @@ __all__ = [
     "DEFAULT_MEASUREMENT_NOISE",
     "DEGRADATION_TYPES",
     "STANDARD_DEGRADATIONS",
+    "SpecFieldError",
     "BoxInpaint",
     "Degradation",
     "GaussianBlur",
@@ -73,8 +74,17 @@ STANDARD_DEGRADATIONS: dict[str, dict[str, Any]] = {
 # --------------------------------------------------------------------------------------------
 
 
-def _field_error(field: str, expected: str, value: Any) -> ValueError:
-    return ValueError(f"degradation spec field '{field}' must be {expected}, got {value!r}")
+class SpecFieldError(ValueError):
+    """A degradation spec field is missing or invalid; ``field`` names it (for front ends that map fields to
+    their own input names)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+def _field_error(field: str, expected: str, value: Any) -> SpecFieldError:
+    return SpecFieldError(field, f"degradation spec field '{field}' must be {expected}, got {value!r}")
 
 
 def _as_int(spec: Mapping[str, Any], field: str, expected: str, minimum: int | None = None,
@@ -113,7 +123,7 @@ def _check_fields(spec: Mapping[str, Any], kind: str, required: Sequence[str], o
         )
     for field in required:
         if field not in spec:
-            raise ValueError(f"degradation spec field '{field}' is required for type '{kind}' but is missing")
+            raise SpecFieldError(field, f"degradation spec field '{field}' is required for type '{kind}' but is missing")
 
 
 def _check_image(x: torch.Tensor, what: str = "image") -> None:
@@ -658,10 +668,11 @@ def build_degradation(spec: Mapping[str, Any] | str, mask: torch.Tensor | None =
     if not isinstance(spec, Mapping):
         raise ValueError(f"degradation spec must be a dict with a 'type' field, got {type(spec).__name__}")
     if "type" not in spec:
-        raise ValueError(f"degradation spec field 'type' is required; one of {', '.join(DEGRADATION_TYPES)}")
+        raise SpecFieldError("type", f"degradation spec field 'type' is required; one of {', '.join(DEGRADATION_TYPES)}")
     kind = spec["type"]
     if not isinstance(kind, str) or kind not in _BUILDERS:
-        raise ValueError(f"degradation spec field 'type' must be one of {', '.join(DEGRADATION_TYPES)}, got {kind!r}")
+        raise SpecFieldError("type", f"degradation spec field 'type' must be one of {', '.join(DEGRADATION_TYPES)}, "
+                             f"got {kind!r}")
     if kind == "mask_inpaint":
         _check_fields(spec, kind, [], [])
         if mask is None:

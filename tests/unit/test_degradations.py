@@ -15,6 +15,7 @@ from comfyui_silo.operators.degradations import (
     DEGRADATION_TYPES,
     STANDARD_DEGRADATIONS,
     Degradation,
+    SpecFieldError,
     add_noise,
     build_degradation,
 )
@@ -329,6 +330,13 @@ def test_bad_spec_message_is_helpful():
         build_degradation({"type": "gaussian_blur", "kernel_size": 61, "sigma": -1})
     with pytest.raises(ValueError, match="not valid JSON"):
         build_degradation("{oops")
+    # the field travels with the error, for front ends that name their own inputs (the Degradation node's widgets)
+    for spec, field in (({"type": "gaussian_blur", "kernel_size": 60, "sigma": 3.0}, "kernel_size"),
+                        ({"type": "box_inpaint", "top": 0, "left": 0, "height": 8}, "width"),
+                        ({"type": "motion_blur"}, "type")):
+        with pytest.raises(SpecFieldError) as info:
+            build_degradation(spec)
+        assert info.value.field == field
 
 
 # ------------------------------------------------------------------------------------------
