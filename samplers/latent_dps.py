@@ -1,70 +1,92 @@
 """Latent-DPS and PSLD baselines (Rout et al., arXiv 2307.00619) as pure torch; never imports ComfyUI.
 
-Both guide a latent diffusion sampler with the *pixel-space* degradation, back-propagating through
-the VAE decoder ``D`` (and, for PSLD, the encoder ``E``).  Per step, with ``z0_hat = model(x_t)``::
+Both guide a latent diffusion sampler with the *pixel-space* degradation, back-propagating through the VAE
+decoder ``D`` (and, for PSLD, the encoder ``E``).  Per step, with ``z0_hat = model(x_t)``, the guided loop
+(:mod:`.core`) takes the gradient of::
 
-    loss_b = || y - A(D(z0_hat)) ||_2                                   (DPS: plain norm, not squared)
-           + gluing * || z0_hat - E(A^T y + (I - A^T A) D(z0_hat)) ||_2^2   (PSLD's "gluing" term)
+    loss_b = || y - A(D(z0_hat)) ||_2                                      (DPS: plain norm, not squared)
+           + (gluing / eta) * || z0_hat - E(A^T y + (I - A^T A) D(z0_hat)) ||_2^2   (PSLD's "gluing" term)
 
-and then exactly SILO's step (:func:`~comfyui_silo.samplers.silo.sample_silo`): the gradient of
-``sum_b loss_b`` w.r.t. ``x_t`` (through the denoiser, ``gradient="unet"``) or at ``z0_hat``
-(``gradient="x0"``) is mapped to VP space, optionally clamped, and ``eta`` times it is subtracted from the
-base DDPM/Euler update.  Latent-DPS is ``gluing = 0``: that is literally SILO with the operator
-``H = A o D`` and the pixel measurement ``y`` — so this module reuses :func:`sample_silo` instead of
-duplicating its loop, and passes the gluing term through its ``extra_loss`` hook.
+and subtracts ``eta`` times it (in VP units, optionally clamped) from the base DDPM/Euler update.  Latent-DPS is
+``gluing = 0``: literally SILO with the operator ``H = A o D`` and the pixel measurement ``y``.
 
-Relation to the PSLD reference code: there ``error = omega * ||y - A(D(z0))|| + gamma * glue`` and
-``z_{t-1} = DDIM(z_t) - grad error`` with no clamp, so ``eta`` is PSLD's ``omega`` and PSLD's ``gamma``
-corresponds to ``eta * gluing`` here.  The paper's Algorithm squares the gluing norm, the reference code
-does not: ``gluing_norm="squared"`` (default, the paper) or ``"plain"`` (the code; its gradient has unit
-size whatever the residual, which behaves better with large weights).
+What ``gluing`` means: PSLD's ``gamma``.  The reference code's error is ``omega * ||y - A(D(z0))|| + gamma * glue``
+with ``z_{t-1} = DDIM(z_t) - grad error`` and no clamp; here ``eta`` is ``omega`` and the gluing term enters the
+loss with weight ``gluing / eta``, so the step is ``eta * grad ||y - A(D(z0))|| + gluing * grad glue`` (without a
+clamp; with one, the clamp acts on the sum).  ``eta = 0`` is the plain sampler: no guidance, no gluing.  (This is
+the meaning the node's ``gluing`` widget always had; the trace's ``"extra_loss"`` is the term as it enters the
+loss, ``(gluing / eta) * glue``.)  The paper's Algorithm squares the gluing norm, the reference code does not:
+``gluing_norm="squared"`` (default, the paper) or ``"plain"`` (the code; its gradient has unit size whatever the
+residual, which behaves better with large weights).
 
-The gluing term needs a linear ``A`` with an adjoint: ``A^T y + (I - A^T A) D(z0_hat)`` replaces the
-measured part of the decoded image by the measurement; when ``D(z0_hat)`` already satisfies
-``A D(z0_hat) = y`` the filled image is ``D(z0_hat)`` itself and the term is zero wherever ``E o D = I``.
+The gluing term needs a linear ``A`` with an adjoint: ``A^T y + (I - A^T A) D(z0_hat)`` replaces the measured part
+of the decoded image by the measurement; when ``D(z0_hat)`` already satisfies ``A D(z0_hat) = y`` the filled
+image is ``D(z0_hat)`` itself and the term is zero wherever ``E o D = I``.  It acts on ``z0_hat`` only, so it is
+the same for every noise parameterization.
 """
 
 from __future__ import annotations
 
-import math
+import dataclasses
 from collections.abc import Callable
-from typing import Any
 
 import torch
 
-from .silo import SILO_OPTIONS, _normal_tensor, sample_silo
+from ..config.fields import setting
+from .core import (
+    ETA_SCHEDULES,
+    GRADIENT_MODES,
+    GuidanceSettings,
+    MeasurementLoss,
+    Progress,
+    Solver,
+    batch_compatible,
+    guided_sample,
+    normal_tensor,
+    settings_guidance,
+    split_options,
+)
+from .steps import UPDATES
 
-__all__ = ["GLUING_NORMS", "LATENT_DPS_OPTIONS", "psld_gluing_loss", "sample_latent_dps"]
+__all__ = ["GLUING_NORMS", "LatentDPSSettings", "LatentDPSSolver", "psld_gluing_loss", "sample_latent_dps"]
 
-_PASSED_THROUGH = ("update", "gradient", "eta_schedule", "early_stop", "trace", "noise_sampler")
-
-#: Keyword options of :func:`sample_latent_dps` (usable as KSAMPLER ``extra_options``): defaults and docs.
-LATENT_DPS_OPTIONS: dict[str, dict[str, Any]] = {
-    "measurement": {"default": None, "doc": "Pixel-space measurement y, shaped like degradation(image) (required)."},
-    "degradation": {
-        "default": None,
-        "doc": "Differentiable callable A(image) -> measurement-shaped tensor (required).",
-    },
-    "decoder": {"default": None, "doc": "Differentiable callable D(latent) -> image (required)."},
-    "encoder": {"default": None, "doc": "Differentiable callable E(image) -> latent (needed when gluing > 0)."},
-    "adjoint": {
-        "default": None,
-        "doc": "Callable A^T(measurement) -> image for the gluing term; default degradation.A_adjoint.",
-    },
-    "eta": {"default": 1.0, "doc": "Guidance step size (PSLD's omega, VP space). 0 = plain sampler, no gradients."},
-    "gluing": {
-        "default": 0.0,
-        "doc": "Weight of PSLD's gluing term (PSLD's gamma / omega); 0 = Latent-DPS. Needs a linear degradation.",
-    },
-    "gluing_norm": {
-        "default": "squared",
-        "doc": "'squared' ||.||^2 gluing term (the paper's Algorithm) or 'plain' ||.|| (the reference code).",
-    },
-    **{k: dict(SILO_OPTIONS[k]) for k in _PASSED_THROUGH},
-    "grad_clamp": {"default": None, "doc": "Element-wise clamp of the VP-space gradient. None = no clamp (DPS/PSLD)."},
-}
+GLUING_NORMS = ("squared", "plain")
 
 
+@dataclasses.dataclass(frozen=True)
+class LatentDPSSettings(GuidanceSettings):
+    """Latent-DPS / PSLD settings, declared once (node widgets in this order, CLI, validation)."""
+
+    OWNER = "Latent-DPS"
+
+    eta: float = setting(1.0, min=0.0, max=50.0, step=0.05,
+                         tooltip="Measurement-guidance step size (PSLD's ω; 0 = plain sampling).")
+    gluing: float = setting(0.0, min=0.0, max=10.0, step=0.01,
+                            tooltip="PSLD's gluing weight γ on ‖ẑ₀ − E(Aᵀy + (I − AᵀA)D(ẑ₀))‖²; 0 = Latent-DPS. PSLD "
+                                    "used 0.1 with η 1. Linear degradations only (not JPEG).")
+    gluing_norm: str = setting("squared", choices=GLUING_NORMS,
+                               tooltip="Gluing term as in PSLD's paper (squared norm) or its public code (plain norm: "
+                                       "the pull has the same size whatever the mismatch, steadier with large γ).")
+    update: str = setting("ddpm", choices=tuple(UPDATES),
+                          tooltip="ddpm: ancestral DDPM step (the papers). euler: deterministic DDIM step.")
+    gradient: str = setting("unet", choices=GRADIENT_MODES,
+                            tooltip="unet: back-propagate through the UNet and the decoder (the papers). x0: only "
+                                    "through the decoder, at the denoised estimate.")
+    grad_clamp: float | None = setting(None, none_as=0.0, min=0.0, max=100.0, step=0.1,
+                                       tooltip="Element-wise gradient clamp; 0 = off (the papers do not clamp).")
+    early_stop: int | None = setting(None, none_as=-1, min=-1, max=10000,
+                                     tooltip="-1: run to the end. k: return the denoised estimate at step k.")
+    eta_schedule: str = setting("constant", choices=ETA_SCHEDULES, widget=False,
+                                tooltip="constant, or sigma: η times the VP noise fraction relative to the first "
+                                        "step's (decays to 0).")
+
+    @property
+    def gluing_weight(self) -> float:
+        """Weight of the gluing term in the loss whose gradient eta multiplies: ``gluing / eta`` (0 when eta = 0)."""
+        return self.gluing / self.eta if self.eta > 0 else 0.0
+
+
+# ------------------------------------------------------------------------------------------------ gluing term
 def _resolve_adjoint(degradation, adjoint) -> Callable[[torch.Tensor, tuple], torch.Tensor] | None:
     """``adj(y, image_shape)``: the user's ``adjoint(y)`` or ``degradation.A_adjoint(y, image_shape)``."""
     if adjoint is not None:
@@ -81,14 +103,6 @@ def _linear_map(degradation) -> Callable[[torch.Tensor], torch.Tensor]:
     if callable(lin) and getattr(degradation, "is_linear", False):
         return lin
     return degradation
-
-
-def _batch_ok(shape: tuple, ref: tuple) -> bool:
-    """``shape == ref``, or ``shape`` is ``ref`` with batch 1 (broadcast over the batch)."""
-    return shape == ref or (len(shape) == len(ref) >= 1 and shape[0] == 1 and shape[1:] == ref[1:])
-
-
-GLUING_NORMS = ("squared", "plain")
 
 
 def _gluing(z0_hat, image, aty, linear, adj, encoder, norm: str = "squared") -> torch.Tensor:
@@ -109,7 +123,7 @@ def _gluing(z0_hat, image, aty, linear, adj, encoder, norm: str = "squared") -> 
 
 def _adjoint_of_measurement(y: torch.Tensor, image: torch.Tensor, adj) -> torch.Tensor:
     aty = adj(y, (y.shape[0], *image.shape[1:]))
-    if not isinstance(aty, torch.Tensor) or not _batch_ok(tuple(aty.shape), tuple(image.shape)):
+    if not isinstance(aty, torch.Tensor) or not batch_compatible(tuple(aty.shape), tuple(image.shape)):
         got = tuple(aty.shape) if isinstance(aty, torch.Tensor) else type(aty).__name__
         raise ValueError(
             f"PSLD adjoint: A^T(measurement) must be shaped like the decoded image {tuple(image.shape)} "
@@ -118,16 +132,10 @@ def _adjoint_of_measurement(y: torch.Tensor, image: torch.Tensor, adj) -> torch.
     return aty.detach()
 
 
-def psld_gluing_loss(
-    z0_hat: torch.Tensor,
-    *,
-    measurement: torch.Tensor,
-    degradation,
-    decoder: Callable[[torch.Tensor], torch.Tensor],
-    encoder: Callable[[torch.Tensor], torch.Tensor],
-    adjoint: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    norm: str = "squared",
-) -> torch.Tensor:
+def psld_gluing_loss(z0_hat: torch.Tensor, *, measurement: torch.Tensor, degradation,
+                     decoder: Callable[[torch.Tensor], torch.Tensor], encoder: Callable[[torch.Tensor], torch.Tensor],
+                     adjoint: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                     norm: str = "squared") -> torch.Tensor:
     """PSLD's (unweighted) gluing term ``|| z0_hat - E(A^T y + (I - A^T A) D(z0_hat)) ||_2^2`` -> ``[B]``
     (``norm="plain"``: the norm itself, not squared, as the reference code computes it).
 
@@ -147,65 +155,8 @@ def psld_gluing_loss(
     return _gluing(z0_hat, image, aty, _linear_map(degradation), adj, encoder, norm)
 
 
-def sample_latent_dps(
-    model,
-    x: torch.Tensor,
-    sigmas: torch.Tensor,
-    extra_args: dict | None = None,
-    callback=None,
-    disable=None,
-    *,
-    measurement: torch.Tensor,
-    degradation: Callable[[torch.Tensor], torch.Tensor],
-    decoder: Callable[[torch.Tensor], torch.Tensor],
-    encoder: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    adjoint: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    eta: float = 1.0,
-    gluing: float = 0.0,
-    gluing_norm: str = "squared",
-    update: str = "ddpm",
-    gradient: str = "unet",
-    grad_clamp: float | None = None,
-    eta_schedule="constant",
-    early_stop: int | None = None,
-    trace: list | None = None,
-    noise_sampler=None,
-) -> torch.Tensor:
-    """Latent-DPS (``gluing = 0``) or PSLD (``gluing > 0``) guided sampling; KSAMPLER convention.
-
-    Equivalent to :func:`sample_silo` with ``operator = degradation o decoder`` and the pixel-space
-    measurement, plus (for PSLD) ``gluing * ||z0_hat - E(A^T y + (I - A^T A) D(z0_hat))||^2`` added to the
-    per-batch loss (see the module docstring).  The decoded image is computed once per step and shared
-    by both terms.
-
-    Args:
-        model, x, sigmas, extra_args, callback, disable: as for :func:`sample_silo` (the callback gets
-            ``silo_loss`` = the measurement term ``||y - A(D(z0_hat))||``).
-        measurement: pixel-space ``y`` shaped like ``degradation(decoder(z0_hat))`` (e.g. small for
-            super-resolution); batch 1 broadcasts over the batch.
-        degradation: differentiable ``A(image)``.  For the gluing term it must be linear
-            (``is_linear`` not False) and have an adjoint (``adjoint=`` or ``degradation.A_adjoint``);
-            the projection uses ``degradation.linear`` when present.
-        decoder: differentiable ``D(latent) -> image`` (latent in the sampler's space).
-        encoder: differentiable ``E(image) -> latent``; required when ``gluing > 0``.
-        adjoint: ``A^T(y) -> image`` (called with the measurement-shaped tensor only); default
-            ``degradation.A_adjoint(y, image_shape)``.
-        eta: guidance step size (PSLD's omega); 0 reproduces the plain sampler bit-exactly.
-        gluing: gluing weight (PSLD's gamma = ``eta * gluing``); 0 = Latent-DPS.
-        gluing_norm: ``"squared"`` (the paper's Algorithm) or ``"plain"`` (the reference code's norm).
-        update, gradient, grad_clamp, eta_schedule, early_stop, noise_sampler: as for :func:`sample_silo`
-            (``grad_clamp`` defaults to None here: DPS and PSLD do not clamp).
-        trace: list receiving one dict per step as for :func:`sample_silo`; with ``gluing > 0`` each also
-            has ``"extra_loss"`` = the weighted gluing term per batch element.
-
-    Returns:
-        The final latent (or ``z0_hat`` at ``early_stop``).
-    """
-    if not isinstance(measurement, torch.Tensor) or measurement.dim() < 1:
-        raise ValueError(
-            "Latent-DPS needs measurement= (a pixel-space tensor shaped like degradation(decoder(latent))), "
-            f"got {type(measurement).__name__ if not isinstance(measurement, torch.Tensor) else 'a 0-d tensor'}"
-        )
+# ------------------------------------------------------------------------------------------------ solver
+def _check_callables(degradation, decoder, encoder, adjoint) -> None:
     if degradation is None or not callable(degradation):
         raise ValueError("Latent-DPS needs degradation= (a differentiable callable A(image) -> measurement)")
     if decoder is None or not callable(decoder):
@@ -214,81 +165,94 @@ def sample_latent_dps(
         raise ValueError(f"encoder must be None or a callable E(image) -> latent, got {type(encoder).__name__}")
     if adjoint is not None and not callable(adjoint):
         raise ValueError(f"adjoint must be None or a callable A^T(measurement) -> image, got {type(adjoint).__name__}")
-    try:
-        gluing = float(gluing)
-    except (TypeError, ValueError):
-        raise ValueError(f"gluing must be a finite number >= 0, got {gluing!r}") from None
-    if not math.isfinite(gluing) or gluing < 0:
-        raise ValueError(f"gluing must be a finite number >= 0, got {gluing}")
-    if gluing_norm not in GLUING_NORMS:
-        raise ValueError(f"gluing_norm must be one of {GLUING_NORMS}, got {gluing_norm!r}")
 
-    adj = linear = None
-    if gluing > 0:
-        if encoder is None:
+
+class LatentDPSSolver(Solver):
+    """Loss ``||y - A(D(z0_hat))||`` (+ ``weight * glue`` for PSLD).  One decode per step is shared by both terms:
+    the measurement term remembers the image it decoded for the ``z0_hat`` object it was given."""
+
+    name = "Latent-DPS"
+    key = "silo"  # the callback's fields keep the names they had when this solver ran on SILO's loop
+
+    def __init__(self, measurement, degradation, decoder, encoder=None, adjoint=None,
+                 settings: LatentDPSSettings | None = None):
+        settings = settings if settings is not None else LatentDPSSettings()
+        if not isinstance(measurement, torch.Tensor) or measurement.dim() < 1:
+            got = type(measurement).__name__ if not isinstance(measurement, torch.Tensor) else "a 0-d tensor"
+            raise ValueError("Latent-DPS needs measurement= (a pixel-space tensor shaped like "
+                             f"degradation(decoder(latent))), got {got}")
+        _check_callables(degradation, decoder, encoder, adjoint)
+        self.decoder, self.degradation, self.encoder = decoder, degradation, encoder
+        self.weight, self.norm = settings.gluing_weight, settings.gluing_norm
+        self._loss = MeasurementLoss("Latent-DPS", measurement, degradation,
+                                     "degradation(decoder(z0_hat)) shape {shape}")
+        self._last = (None, None)  # (z0_hat, its decoded image) of the latest measurement-term call
+        self._aty = None
+        self.has_extra = self.weight > 0
+        if settings.gluing > 0:
+            self._adj, self._linear = self._psld_parts(degradation, adjoint)
+
+    def _psld_parts(self, degradation, adjoint):
+        if self.encoder is None:
             raise ValueError("PSLD (gluing > 0) needs encoder= (a differentiable callable E(image) -> latent)")
         if getattr(degradation, "is_linear", True) is False:
             name = getattr(degradation, "name", type(degradation).__name__)
-            raise ValueError(
-                f"PSLD (gluing > 0) needs a linear degradation, but {name!r} is not linear; "
-                "use gluing=0 (Latent-DPS) for non-linear degradations"
-            )
+            raise ValueError(f"PSLD (gluing > 0) needs a linear degradation, but {name!r} is not linear; "
+                             "use gluing=0 (Latent-DPS) for non-linear degradations")
         adj = _resolve_adjoint(degradation, adjoint)
         if adj is None:
-            raise ValueError(
-                "PSLD (gluing > 0) needs the adjoint A^T: pass adjoint= or a degradation with an A_adjoint method"
-            )
-        linear = _linear_map(degradation)
+            raise ValueError("PSLD (gluing > 0) needs the adjoint A^T: pass adjoint= or a degradation with an "
+                             "A_adjoint method")
+        return adj, _linear_map(degradation)
 
-    # One decode per step, shared by the measurement term (operator) and the gluing term (extra_loss):
-    # the operator remembers the image it decoded for the z0_hat object it was given.
-    state: dict[str, Any] = {"checked": False, "z": None, "image": None, "aty": None}
-    m_shape = tuple(measurement.shape)
-
-    def operator(z: torch.Tensor) -> torch.Tensor:
-        image = decoder(z)
-        if not state["checked"] and not isinstance(image, torch.Tensor):
+    def loss(self, z0: torch.Tensor) -> torch.Tensor:
+        image = self.decoder(z0)
+        if not self._loss.checked and not isinstance(image, torch.Tensor):
             raise ValueError(f"Latent-DPS decoder must return an image tensor, got {type(image).__name__}")
-        out = degradation(image)
-        if not state["checked"]:
-            o_shape = tuple(out.shape) if isinstance(out, torch.Tensor) else None
-            if o_shape is None or not _batch_ok(m_shape, o_shape):
-                raise ValueError(
-                    f"Latent-DPS measurement shape {m_shape} does not match degradation(decoder(z0_hat)) shape "
-                    f"{o_shape} (decoded image {tuple(image.shape)}); the measurement must have the degradation's "
-                    f"output shape (batch {o_shape[0] if o_shape else '?'} or 1)"
-                )
-            state["checked"] = True
-        if gluing > 0:
-            state["z"], state["image"] = z, image
-        return out
+        if self.has_extra:
+            self._last = (z0, image)
+        return self._loss(image)
 
-    def gluing_loss(z: torch.Tensor) -> torch.Tensor:
-        image = state["image"] if state["z"] is z else decoder(z)
-        state["z"] = state["image"] = None
+    def extra(self, z0: torch.Tensor) -> torch.Tensor:
+        image = self._last[1] if self._last[0] is z0 else self.decoder(z0)
+        self._last = (None, None)
         with torch.inference_mode(False):
             if not torch.is_grad_enabled():  # report-only call (unguided step): plain tensors, no graph
-                z, image = _normal_tensor(z), _normal_tensor(image)
-            if state["aty"] is None:
-                state["aty"] = _adjoint_of_measurement(_normal_tensor(measurement), image, adj)
-            return gluing * _gluing(z, image, state["aty"], linear, adj, encoder, gluing_norm)
+                z0, image = normal_tensor(z0), normal_tensor(image)
+            if self._aty is None:
+                self._aty = _adjoint_of_measurement(self._loss.y, image, self._adj)
+            return self.weight * _gluing(z0, image, self._aty, self._linear, self._adj, self.encoder, self.norm)
 
-    return sample_silo(
-        model,
-        x,
-        sigmas,
-        extra_args,
-        callback,
-        disable,
-        measurement=measurement,
-        operator=operator,
-        eta=eta,
-        update=update,
-        gradient=gradient,
-        grad_clamp=grad_clamp,
-        eta_schedule=eta_schedule,
-        early_stop=early_stop,
-        trace=trace,
-        noise_sampler=noise_sampler,
-        extra_loss=gluing_loss if gluing > 0 else None,
-    )
+
+def sample_latent_dps(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict | None = None, callback=None,
+                      disable=None, *, measurement: torch.Tensor, degradation: Callable[[torch.Tensor], torch.Tensor],
+                      decoder: Callable[[torch.Tensor], torch.Tensor],
+                      encoder: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                      adjoint: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                      settings: LatentDPSSettings | None = None, trace: list | None = None, noise_sampler=None,
+                      progress: Progress | None = None, **options) -> torch.Tensor:
+    """Latent-DPS (``gluing = 0``) or PSLD (``gluing > 0``) guided sampling; KSAMPLER function.
+
+    Args:
+        model, x, sigmas, extra_args, callback, disable: as for :func:`~.silo.sample_silo` (the callback gets
+            ``silo_loss`` = the measurement term ``||y - A(D(z0_hat))||``).
+        measurement: pixel-space ``y`` shaped like ``degradation(decoder(z0_hat))``; batch 1 broadcasts.
+        degradation: differentiable ``A(image)``; for the gluing term it must be linear (``is_linear`` not False)
+            and have an adjoint (``adjoint=`` or ``degradation.A_adjoint``; the projection uses
+            ``degradation.linear`` when present).
+        decoder: differentiable ``D(latent) -> image``; encoder: ``E(image) -> latent`` (required when gluing > 0).
+        adjoint: ``A^T(y) -> image``; default ``degradation.A_adjoint(y, image_shape)``.
+        settings: a :class:`LatentDPSSettings`; ``**options`` are its fields by name laid over it (``gluing`` is
+            PSLD's gamma, see the module docstring; ``grad_clamp`` 0/None and ``early_stop`` -1/None are off;
+            ``eta_schedule`` may be a callable ``(i, sigma) -> factor``).
+        trace, noise_sampler, progress: as for :func:`~.silo.sample_silo`; with gluing each trace entry also has
+            ``"extra_loss"`` = the gluing term as it enters the loss.
+
+    Returns:
+        The final latent (or ``z0_hat`` at ``early_stop``).
+    """
+    settings, aside = split_options(LatentDPSSettings, settings, options)
+    solver = LatentDPSSolver(measurement, degradation, decoder, encoder, adjoint, settings)
+    return guided_sample(model, x, sigmas, extra_args, callback, disable, solver=solver,
+                         guidance=settings_guidance(settings, aside), trace=trace, noise_sampler=noise_sampler,
+                         progress=progress)

@@ -1,12 +1,15 @@
 """Single-step update rules shared by SILO and the baseline samplers (pure torch).
 
-All functions work in ComfyUI's *sigma space* for eps-prediction models: the sampler state is
+``euler_step`` and ``ddpm_step`` work in ComfyUI's *sigma space* for eps-prediction models: the sampler state is
 ``x = z0 + sigma * eps`` (variance-exploding form).  The variance-preserving latent of DDPM is
-``z_t = x / sqrt(1 + sigma**2)`` with ``alpha_bar = 1 / (1 + sigma**2)``.
+``z_t = x / sqrt(1 + sigma**2)`` with ``alpha_bar = 1 / (1 + sigma**2)``.  ``flow_ddpm_step`` is the same DDPM
+posterior step for flow-matching models' state ``x = (1 - sigma) z0 + sigma * eps``; ``euler_step`` serves both
+(see :mod:`.parameterization`).
 
-The two updates re-implement ComfyUI's ``sample_euler`` (without churn) and ``sample_ddpm`` per-step
+The two VP updates re-implement ComfyUI's ``sample_euler`` (without churn) and ``sample_ddpm`` per-step
 arithmetic in the same operation order, so that a loop built from them reproduces those samplers
-bit-exactly (same seed, same noise draws, same floating-point rounding).
+bit-exactly (same seed, same noise draws, same floating-point rounding); ``sample_euler`` is also what
+ComfyUI runs for flow models.
 
 Every update has the uniform call signature ``update(x, denoised, sigma, sigma_next, noise_sampler)``
 (``euler_step`` ignores the noise sampler), so samplers can pick one by name via :func:`get_update`.
@@ -23,6 +26,7 @@ __all__ = [
     "alpha_bar",
     "ddpm_step",
     "euler_step",
+    "flow_ddpm_step",
     "get_update",
     "make_noise_sampler",
     "sigma_to_vp_scale",
@@ -108,6 +112,33 @@ def ddpm_step(x: torch.Tensor, denoised: torch.Tensor, sigma, sigma_next, noise_
     if sigma_next != 0:
         mu *= torch.sqrt(1.0 + sigma_next**2.0)
     return mu
+
+
+def flow_ddpm_step(x: torch.Tensor, denoised: torch.Tensor, sigma, sigma_next, noise_sampler: NoiseSampler
+                   ) -> torch.Tensor:
+    """DDPM ancestral posterior step for the flow state ``x = (1 - sigma) z0 + sigma * eps``.
+
+    The flow state at ``sigma`` is the variance-exploding state ``x / (1 - sigma) = z0 + s eps`` at
+    ``s = sigma / (1 - sigma)`` (scaled by ``a = 1 - sigma``), and DDPM's posterior ``q(x_next | x, z0)`` is the same
+    Gaussian whatever the scaling.  In the VE state it is ``N(z0 + r^2 (x_ve - z0), s_next^2 (1 - r^2))`` with
+    ``r = s_next / s`` (what :func:`ddpm_step` computes through VP space); scaled back by ``a_next = 1 - sigma_next``::
+
+        r      = (1 - sigma) sigma_next / ((1 - sigma_next) sigma)
+        x_next = (1 - sigma_next)(1 - r^2) z0_hat + (1 - sigma) sigma_next^2 / ((1 - sigma_next) sigma^2) x
+                 + sigma_next sqrt(1 - r^2) noise
+
+    written so that it stays finite at the flow models' first level ``sigma = 1`` (``r = 0``: a fresh draw from the
+    forward marginal around ``z0_hat``) and lands on ``z0_hat`` at ``sigma_next = 0`` (no noise drawn then).
+    ComfyUI has no such sampler for flow models (its ``ddpm`` assumes the VP state); this is the pack's own.
+    """
+    sigma = _as_sigma(sigma, x)
+    sigma_next = _as_sigma(sigma_next, x)
+    r = (1.0 - sigma) * sigma_next / ((1.0 - sigma_next) * sigma)
+    keep = 1.0 - r * r
+    out = ((1.0 - sigma_next) * keep) * denoised + ((1.0 - sigma) * sigma_next**2 / ((1.0 - sigma_next) * sigma**2)) * x
+    if sigma_next > 0:
+        out = out + (sigma_next * keep.clamp(min=0).sqrt()) * noise_sampler(sigma, sigma_next)
+    return out
 
 
 #: Update rules by name; all share ``update(x, denoised, sigma, sigma_next, noise_sampler)``.

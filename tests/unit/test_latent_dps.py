@@ -29,12 +29,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from support.toy import ToyDenoiser, ToyGaussianWorld, karras_sigmas, vp_sigmas
 
 from comfyui_silo.operators.degradations import JPEG, BoxInpaint
-from comfyui_silo.samplers.latent_dps import LATENT_DPS_OPTIONS, psld_gluing_loss, sample_latent_dps
+from comfyui_silo.samplers.latent_dps import LatentDPSSettings, psld_gluing_loss, sample_latent_dps
 from comfyui_silo.samplers.silo import sample_silo
 from comfyui_silo.samplers.steps import get_update, make_noise_sampler
-from comfyui_silo.samplers.toy import ToyDenoiser, ToyGaussianWorld, karras_sigmas, vp_sigmas
 
 pytestmark = pytest.mark.unit
 
@@ -126,7 +126,7 @@ def test_eta0_is_the_plain_sampler_bit_exactly(toy, update, gluing):
         ref = step(ref, toy.world.exact_denoiser(ref, sig[i] * s_in), sig[i], sig[i + 1], ns)
     assert torch.equal(out, ref)
     assert len(tr) == 25 and all(t["grad_norm"] == [] and t["eta"] == 0.0 for t in tr)
-    assert ("extra_loss" in tr[0]) == (gluing > 0)
+    assert "extra_loss" not in tr[0]  # gluing is PSLD's gamma: with eta = 0 nothing guides, the gluing term neither
 
 
 def test_gluing0_is_silo_with_operator_a_of_d(toy):
@@ -169,7 +169,7 @@ def test_single_step_matches_analytic_gradient(toy, gluing, norm):
         encoder=toy.enc,
         adjoint=toy.down_adj,
         eta=eta,
-        gluing=gluing,
+        gluing=eta * gluing,  # PSLD's gamma: the gluing term's weight in the loss whose gradient eta multiplies
         gluing_norm=norm,
         update="euler",
         gradient="x0",
@@ -220,7 +220,7 @@ def test_psld_mean_approaches_posterior(toy, gradient):
     pm = toy.posterior_mean(toy.box, y)
     ref = _dps(toy, sig, x, y, toy.box, eta=0.0)
     tr = []
-    out = _dps(toy, sig, x, y, toy.box, encoder=toy.enc, eta=0.2, gluing=1.0, gradient=gradient, trace=tr)
+    out = _dps(toy, sig, x, y, toy.box, encoder=toy.enc, eta=0.2, gluing=0.2, gradient=gradient, trace=tr)
     err0 = (ref.mean(0) - pm).norm().item()
     err = (out.mean(0) - pm).norm().item()
     assert err0 > 3.0
@@ -288,7 +288,7 @@ def test_decoder_runs_once_per_step_and_trace(toy):
     x = _x0(sig, n=4)
     y = toy.measure(toy.box)
     tr, cb = [], []
-    _dps(toy, sig, x, y, toy.box, decoder=dec, encoder=enc, eta=0.2, gluing=1.0, trace=tr, callback=cb.append)
+    _dps(toy, sig, x, y, toy.box, decoder=dec, encoder=enc, eta=0.2, gluing=0.2, trace=tr, callback=cb.append)
     assert calls == {"dec": 12, "enc": 12}
     assert [t["step"] for t in tr] == list(range(12)) and all(len(t["extra_loss"]) == 4 for t in tr)
     assert all(c["silo_loss"].shape == (4,) for c in cb)
@@ -310,7 +310,7 @@ def test_inference_mode_and_no_param_grad(toy):
         decoder=toy.dec,
         encoder=toy.enc,
         eta=0.2,
-        gluing=1.0,
+        gluing=0.2,
         eta_schedule=lambda i, s: float(i % 2),  # unguided odd steps exercise the report-only gluing path
     )
     tr_ref = []
@@ -325,13 +325,17 @@ def test_inference_mode_and_no_param_grad(toy):
     assert not ref.requires_grad and model.scale.grad is None
 
 
-def test_options_match_signature():
+def test_settings_declare_the_node_widgets_and_gamma():
+    """Widget names/order/defaults as on the node; gluing is PSLD's gamma (loss weight gluing / eta)."""
+    specs = [s for s in LatentDPSSettings.specs() if s.widget]
+    assert [s.name for s in specs] == ["eta", "gluing", "gluing_norm", "update", "gradient", "grad_clamp",
+                                       "early_stop"]
+    assert [s.widget_default for s in specs] == [1.0, 0.0, "squared", "ddpm", "unet", 0.0, -1]
+    assert LatentDPSSettings(eta=4.0, gluing=0.2).gluing_weight == pytest.approx(0.05)
+    assert LatentDPSSettings(eta=0.0, gluing=0.2).gluing_weight == 0.0
+    assert LatentDPSSettings.from_values(grad_clamp=0.0).grad_clamp is None
     params = inspect.signature(sample_latent_dps).parameters
-    kw_only = {n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
-    assert set(LATENT_DPS_OPTIONS) == kw_only
-    for name, opt in LATENT_DPS_OPTIONS.items():
-        default = params[name].default
-        assert opt["default"] == (None if default is inspect.Parameter.empty else default), name
+    assert "settings" in params and not set(params) & {s.name for s in specs}  # settings are declared once
 
 
 # ------------------------------------------------------------------------------------------------ errors
@@ -342,7 +346,7 @@ def test_clear_errors(toy):
     yb = toy.measure(toy.box)
     with pytest.raises(ValueError, match=r"PSLD \(gluing > 0\) needs a linear degradation.*'JPEG q=10' is not linear"):
         _dps(toy, sig, x, yb, JPEG(10), encoder=toy.enc, gluing=1.0)
-    with pytest.raises(ValueError, match=r"gluing_norm must be one of \('squared', 'plain'\), got 'l2'"):
+    with pytest.raises(ValueError, match=r"'gluing_norm' must be one of 'squared', 'plain', got 'l2'"):
         _dps(toy, sig, x, yb, toy.box, encoder=toy.enc, gluing=1.0, gluing_norm="l2")
     with pytest.raises(ValueError, match=r"PSLD \(gluing > 0\) needs encoder="):
         _dps(toy, sig, x, yb, toy.box, gluing=1.0)
@@ -353,9 +357,9 @@ def test_clear_errors(toy):
             _dps(toy, sig, x, yb, toy.down, eta=eta)
     with pytest.raises(ValueError, match=r"measurement shape \(3, 1, 4, 4\)"):
         _dps(toy, sig, x, torch.zeros(3, 1, 4, 4, dtype=DT), toy.down)
-    with pytest.raises(ValueError, match="gluing must be a finite number >= 0"):
+    with pytest.raises(ValueError, match="'gluing' must be at least 0"):
         _dps(toy, sig, x, y, toy.down, gluing=-1.0)
-    with pytest.raises(ValueError, match="gluing must be a finite number >= 0"):
+    with pytest.raises(ValueError, match="'gluing' must be a number"):
         _dps(toy, sig, x, y, toy.down, gluing="lots")
     with pytest.raises(ValueError, match=r"encoder: E\(image\) must return a latent shaped like z0_hat \(2, 2, 4, 4\)"):
         _dps(toy, sig, x, yb, toy.box, encoder=lambda im: toy.enc(im)[:, :1], gluing=1.0)
@@ -369,7 +373,7 @@ def test_clear_errors(toy):
         _dps(toy, sig, x, y, "blur")
     with pytest.raises(ValueError, match="encoder must be None or a callable"):
         _dps(toy, sig, x, y, toy.down, encoder=3)
-    with pytest.raises(ValueError, match=r"update='heun'"):
+    with pytest.raises(ValueError, match=r"'update' must be one of 'ddpm', 'euler', got 'heun'"):
         _dps(toy, sig, x, y, toy.down, update="heun")
-    with pytest.raises(ValueError, match="eta must be a finite number"):
+    with pytest.raises(ValueError, match="'eta' must be at least 0"):
         _dps(toy, sig, x, y, toy.down, eta=-0.1)

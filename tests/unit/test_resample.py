@@ -7,8 +7,8 @@ given ``y = A D z + n`` is Gaussian and computed in closed form with ``K = A W``
 
 Measured when the file was written (B = 512, vp_sigmas(50), consistency every 5 steps from step 16, final
 consistency on), over world seeds 0-2 x measurement seeds 1-2: mean error / unguided mean error 0.13-0.23 with SGD
-(lr 10, ~9 iterations per consistency step), 0.23-0.43 with Adam (lr 0.05, ~130 iterations), 0.14-0.23 with the
-pixel-space variant; final residual / noise floor 0.014-0.017 (hard consistency fits the measurement noise too,
+(lr 1, the node's largest, ~110-125 iterations per consistency step), 0.23-0.43 with Adam (lr 0.05, ~130
+iterations), 0.14-0.23 with the pixel-space variant; final residual / noise floor 0.017-0.019 (hard consistency fits the measurement noise too,
 so the residual ends *below* the floor); unguided residual / floor 17-23.  ReSample is not an exact posterior
 sampler: a Euclidean projection onto ``{A D z = y}`` leaves the unmeasured directions to the prior, so the mean
 keeps a bias; the thresholds below leave a margin over the worst case seen.
@@ -21,9 +21,10 @@ import math
 
 import pytest
 import torch
+from support.toy import ToyDenoiser, ToyGaussianWorld, karras_sigmas, vp_sigmas
 
 from comfyui_silo.samplers.resample import (
-    RESAMPLE_OPTIONS,
+    ReSampleSettings,
     consistency_schedule,
     hard_consistency,
     resample_variance,
@@ -32,7 +33,6 @@ from comfyui_silo.samplers.resample import (
     stochastic_resample,
 )
 from comfyui_silo.samplers.steps import alpha_bar, euler_step
-from comfyui_silo.samplers.toy import ToyDenoiser, ToyGaussianWorld, karras_sigmas, vp_sigmas
 
 pytestmark = pytest.mark.unit
 
@@ -207,9 +207,9 @@ def test_disabled_is_plain_ddim_bit_exact(lw, sigmas):
 @pytest.mark.parametrize(
     ("kw", "max_ratio"),
     [
-        ({"optimizer": "sgd", "lr": 10.0}, 0.35),
+        ({"optimizer": "sgd", "lr": 1.0}, 0.35),
         ({"optimizer": "adam", "lr": 0.05}, 0.6),
-        ({"optimizer": "sgd", "lr": 10.0, "pixel_lr": 10.0, "optimization": "auto", "encoder": "yes"}, 0.35),
+        ({"optimizer": "sgd", "lr": 1.0, "pixel_lr": 1.0, "optimization": "auto", "encoder": "yes"}, 0.35),
     ],
     ids=["latent-sgd", "latent-adam", "pixel+latent-sgd"],
 )
@@ -291,7 +291,7 @@ def test_inference_mode_and_no_param_grad(lw):
     x = _x0(lw.world.shape, sig, 4)
     kw = dict(
         disable=True, measurement=lw.y, degradation=lw.degrade, decoder=decoder, consistency_every=3,
-        consistency_start=0, optimizer="sgd", lr=10.0, dps_eta=0.3,
+        consistency_start=0, optimizer="sgd", lr=1.0, dps_eta=0.3,
     )  # fmt: skip
     ref = sample_resample(model, x, sig, {"seed": 1}, **kw)
     assert not ref.requires_grad
@@ -318,7 +318,7 @@ def test_trace_early_stop_and_partial(lw):
     tr, seen = [], {}
     k = 9
     out = _run(
-        lw, sig, x, consistency_every=2, consistency_start=0, optimizer="sgd", lr=10.0, trace=tr, early_stop=k,
+        lw, sig, x, consistency_every=2, consistency_start=0, optimizer="sgd", lr=1.0, trace=tr, early_stop=k,
         callback=lambda d: seen.__setitem__(d["i"], d),
     )  # fmt: skip
     assert torch.equal(out, seen[k]["denoised"])
@@ -328,20 +328,25 @@ def test_trace_early_stop_and_partial(lw):
     assert tr[0]["sigma"] == pytest.approx(float(sig[0]))
     assert {"resample_loss", "resample_consistency", "denoised", "x", "i", "sigma"} <= set(seen[0])
     fn = functools.partial(
-        sample_resample, measurement=lw.y, degradation=lw.degrade, decoder=lw.decode, optimizer="sgd", lr=10.0
+        sample_resample, measurement=lw.y, degradation=lw.degrade, decoder=lw.decode, optimizer="sgd", lr=1.0
     )
     res = fn(lw.world.exact_denoiser, x, sig, extra_args={"seed": 0}, callback=None, disable=True)
     assert res.shape == x.shape
-    assert {"measurement", "degradation", "decoder", "encoder", "trace", "early_stop", "noise_sampler"} <= set(
-        RESAMPLE_OPTIONS
-    )
-    assert RESAMPLE_OPTIONS["gamma"]["default"] == 40.0 and RESAMPLE_OPTIONS["consistency_every"]["default"] == 10
+    widgets = [s for s in ReSampleSettings.specs() if s.widget]
+    assert [s.name for s in widgets] == ["consistency_every", "latent_steps", "lr", "optimization", "pixel_steps",
+                                         "tolerance", "gamma", "variance", "dps_eta", "early_stop"]
+    assert [s.widget_default for s in widgets] == [10, 500, 5e-3, "auto", 2000, 1e-3, 40.0, "paper", 0.0, -1]
+    # the same run from a settings object
+    res_s = sample_resample(lw.world.exact_denoiser, x, sig, {"seed": 0}, disable=True, measurement=lw.y,
+                            degradation=lw.degrade, decoder=lw.decode,
+                            settings=ReSampleSettings(optimizer="sgd", lr=1.0))
+    assert torch.equal(res_s, res)
 
 
 def test_seeded_noise_is_reproducible(lw):
     sig = vp_sigmas(20)
     x = _x0(lw.world.shape, sig, 4)
-    kw = dict(consistency_every=3, consistency_start=0, optimizer="sgd", lr=10.0, final_consistency=False)
+    kw = dict(consistency_every=3, consistency_start=0, optimizer="sgd", lr=1.0, final_consistency=False)
     a, b = _run(lw, sig, x, **kw), _run(lw, sig, x, **kw)
     assert torch.equal(a, b)
     c = sample_resample(
@@ -367,16 +372,17 @@ def test_clear_errors(lw):
     bad("decoder=", decoder=None)
     bad("encoder must be a callable", encoder=3)
     bad(r"optimization='pixel' needs encoder=", optimization="pixel")
-    bad(r"optimization='vae'.*'auto', 'latent', 'pixel'", optimization="vae")
-    bad(r"optimizer='lbfgs'.*'adam', 'sgd'", optimizer="lbfgs")
-    bad(r"variance='vp'.*'paper', 'reference'", variance="vp")
+    bad(r"'optimization' must be one of 'auto', 'latent', 'pixel', got 'vae'", optimization="vae")
+    bad(r"'optimizer' must be one of 'adam', 'sgd', got 'lbfgs'", optimizer="lbfgs")
+    bad(r"'variance' must be one of 'paper', 'reference', got 'vp'", variance="vp")
     bad("gamma", gamma=-1.0)
     bad("gamma", gamma=float("nan"))
     bad("tolerance", tolerance=-1e-3)
-    bad("lr must be", lr=0.0)
+    bad("'lr' must be at least", lr=0.0)
+    bad("'lr' must be at most 1", lr=10.0)
     bad("pixel_lr", pixel_lr=-1.0)
     bad("dps_eta", dps_eta=-0.1)
-    bad("consistency_every must be an int", consistency_every=2.5)
+    bad("'consistency_every' must be a whole number", consistency_every=2.5)
     bad("consistency_every", consistency_every=-1)
     bad("consistency_start", consistency_start=-1)
     bad("latent_steps", latent_steps=-5)

@@ -19,9 +19,9 @@ import math
 
 import pytest
 import torch
+from support.toy import ToyDenoiser, ToyGaussianWorld, karras_sigmas, vp_sigmas
 
-from comfyui_silo.samplers.silo import SILO_OPTIONS, sample_silo
-from comfyui_silo.samplers.toy import ToyDenoiser, ToyGaussianWorld, karras_sigmas, vp_sigmas
+from comfyui_silo.samplers.silo import SiloSettings, sample_silo
 
 pytestmark = pytest.mark.unit
 
@@ -99,7 +99,7 @@ def test_sigma_schedule_and_callable(setup):
     out_c = _run(world, w, sig, x, eta=2.0, eta_schedule=lambda i, s: 0.0, trace=tr2)
     assert all(t["eta"] == 0.0 and t["grad_norm"] == [] for t in tr2)
     assert torch.equal(out_c, _run(world, w, sig, x, eta=0.0))
-    with pytest.raises(ValueError, match=r"eta_schedule='cosine'.*'constant', 'sigma'"):
+    with pytest.raises(ValueError, match=r"'eta_schedule' must be one of 'constant', 'sigma'"):
         _run(world, w, sig, x, eta=1.0, eta_schedule="cosine")
 
 
@@ -234,6 +234,8 @@ def test_grad_clamp_none_and_broadcast(setup):
     torch.testing.assert_close(a, b)
     c = _run(world, w, sig, x, eta=0.3, grad_clamp=1e-3)
     assert not torch.allclose(a, c)
+    # the node's meaning: grad_clamp 0 is off, like None
+    assert torch.equal(_run(world, w, sig, x, eta=0.3, grad_clamp=0.0), a)
 
 
 def test_partial_like_ksampler(setup):
@@ -243,19 +245,27 @@ def test_partial_like_ksampler(setup):
     x = _x0(world, sig, n=2)
     out = fn(world.exact_denoiser, x, sig, extra_args={"seed": 0}, callback=None, disable=True)
     assert out.shape == x.shape
-    assert set(SILO_OPTIONS) >= {
-        "measurement",
-        "operator",
-        "eta",
-        "update",
-        "gradient",
-        "grad_clamp",
-        "eta_schedule",
-        "operator_kwargs",
-        "early_stop",
-        "trace",
-    }
-    assert SILO_OPTIONS["eta"]["default"] == 0.5 and SILO_OPTIONS["update"]["default"] == "ddpm"
+    # a settings object gives the same run as the keyword options, which lay over it
+    settings = SiloSettings(eta=0.2, update="euler")
+    out_s = sample_silo(world.exact_denoiser, x, sig, {"seed": 0}, disable=True, measurement=w,
+                        operator=world.operator, settings=settings)
+    assert torch.equal(out_s, out)
+    out_o = sample_silo(world.exact_denoiser, x, sig, {"seed": 0}, disable=True, measurement=w,
+                        operator=world.operator, settings=SiloSettings(eta=5.0), eta=0.2, update="euler")
+    assert torch.equal(out_o, out)
+
+
+def test_settings_declare_the_node_widgets():
+    """Names, order, defaults, ranges of the SILO node's widgets; widget 'off' values map to None."""
+    specs = [s for s in SiloSettings.specs() if s.widget]
+    assert [s.name for s in specs] == ["eta", "update", "gradient", "grad_clamp", "early_stop"]
+    by = {s.name: s for s in specs}
+    assert (by["eta"].default, by["eta"].min, by["eta"].max, by["eta"].step) == (0.5, 0.0, 20.0, 0.05)
+    assert by["update"].choices == ("ddpm", "euler") and by["gradient"].choices == ("unet", "x0")
+    assert by["grad_clamp"].widget_default == 1.0 and by["early_stop"].widget_default == -1
+    assert SiloSettings.from_values(grad_clamp=0.0, early_stop=-1).grad_clamp is None
+    assert SiloSettings(grad_clamp=0.0, early_stop=-1) == SiloSettings(grad_clamp=None, early_stop=None)
+    assert SiloSettings(early_stop=3).widget_values()["grad_clamp"] == 1.0
 
 
 # ------------------------------------------------------------------------------------------------ errors
@@ -263,9 +273,9 @@ def test_clear_errors(setup):
     world, w = setup
     sig = karras_sigmas(4)
     x = _x0(world, sig, n=2)
-    with pytest.raises(ValueError, match=r"update='heun'.*allowed values: 'ddpm', 'euler'"):
+    with pytest.raises(ValueError, match=r"'update' must be one of 'ddpm', 'euler', got 'heun'"):
         _run(world, w, sig, x, update="heun")
-    with pytest.raises(ValueError, match=r"gradient='vae'.*allowed values: 'unet', 'x0'"):
+    with pytest.raises(ValueError, match=r"'gradient' must be one of 'unet', 'x0', got 'vae'"):
         _run(world, w, sig, x, gradient="vae")
     bad = torch.zeros(1, 2, 2, 2, dtype=torch.float64)
     for eta in (0.0, 0.5):
@@ -273,7 +283,11 @@ def test_clear_errors(setup):
             _run(world, bad, sig, x, eta=eta)
     with pytest.raises(ValueError, match=r"measurement shape \(3, 2, 4, 4\)"):
         _run(world, torch.zeros(3, 2, 4, 4, dtype=torch.float64), sig, x)
-    with pytest.raises(ValueError, match="eta"):
+    with pytest.raises(ValueError, match="'eta' must be at least 0"):
         _run(world, w, sig, x, eta=-1.0)
-    with pytest.raises(ValueError, match="grad_clamp"):
-        _run(world, w, sig, x, grad_clamp=0.0)
+    with pytest.raises(ValueError, match="'grad_clamp' must be at most 100"):
+        _run(world, w, sig, x, grad_clamp=1000.0)
+    with pytest.raises(ValueError, match="SILO has no setting 'etta'"):
+        _run(world, w, sig, x, etta=1.0)
+    with pytest.raises(ValueError, match="'parameterization' must be one of 'vp', 'flow'"):
+        _run(world, w, sig, x, parameterization="edm")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from support.toy import ToyGaussianWorld, karras_sigmas, vp_sigmas
 
 from comfyui_silo.samplers.silo import sample_silo
 from comfyui_silo.samplers.steps import (
@@ -15,7 +16,6 @@ from comfyui_silo.samplers.steps import (
     make_noise_sampler,
     sigma_to_vp_scale,
 )
-from comfyui_silo.samplers.toy import ToyGaussianWorld, karras_sigmas, vp_sigmas
 
 pytestmark = pytest.mark.unit
 

@@ -1,0 +1,381 @@
+"""The one guided-sampling loop every solver runs on (pure torch, ComfyUI ``KSAMPLER`` convention).
+
+In the spirit of ComfyUI's ``generic_step_sampler``: the loop owns the sigmas, the noise, the update rule
+(:mod:`.steps`), the noise parameterization (:mod:`.parameterization`), the eta schedule, the gradient clamp,
+early stopping, the trace, the callback, progress reporting and a guard against non-finite states.  A *solver*
+(:class:`Solver`) only says what its loss is (the gradient flows through whatever the loss calls: a latent
+operator, the VAE decoder, ...) and, optionally, what happens after each step (ReSample's hard consistency and
+resampling) and at the end.  SILO, Latent-DPS/PSLD and ReSample are small modules on top of it.
+
+One step ``i`` (``sigma_i -> sigma_{i+1}``), with ``k(sigma)`` the parameterization's VP scale::
+
+    z0_hat = model(x, sigma_i)
+    g      = grad loss(z0_hat)  w.r.t. x (gradient="unet") or at z0_hat (gradient="x0"),  times k(sigma_i)
+    x'     = update(x, z0_hat, sigma_i, sigma_{i+1}) - eta_i * clamp(g, -c, c) * k(sigma_{i+1})
+    x      = solver.post_step(x')
+
+``g`` is the gradient w.r.t. the papers' VP latent ``z_t = x / k``, and ``eta_i * clamp(g) * k(sigma_{i+1})`` is a
+VP-space step mapped back to the state, so eta has the papers' meaning for every parameterization.
+``eta_i = 0`` skips all gradient work; with ``eta = 0`` the loop is the plain ``update`` sampler, bit-exactly.
+
+Only ``torch.autograd.grad`` w.r.t. the input is used (model parameters never get ``.grad``); guidance runs under
+``torch.inference_mode(False)`` + ``torch.enable_grad()`` so it works inside ComfyUI's inference mode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..config.fields import SettingError, Settings, setting, setting_specs
+from .parameterization import PARAMETERIZATIONS, Parameterization, get_parameterization
+from .steps import make_noise_sampler
+
+try:  # progress bar like ComfyUI's samplers; optional
+    from tqdm.auto import trange as _trange
+except ImportError:  # pragma: no cover - tqdm ships with ComfyUI
+    _trange = None
+
+__all__ = ["ETA_SCHEDULES", "GRADIENT_MODES", "Guidance", "GuidanceSettings", "MeasurementLoss", "NonFiniteStateError",
+           "Progress", "Solver", "StepState", "batch_compatible", "eta_function", "guided_sample", "normal_tensor",
+           "per_batch_l2", "per_batch_mse", "resolve_settings", "settings_guidance", "split_options"]
+
+GRADIENT_MODES = ("unet", "x0")
+ETA_SCHEDULES = ("constant", "sigma")
+#: ``progress(phase, done, total)``: called after every step (phase "step") and every inner iteration of a
+#: solver's own optimisation (e.g. "consistency"); the node glue checks Cancel and advances its bar there.
+Progress = Callable[[str, int, int], None]
+
+
+class NonFiniteStateError(RuntimeError):
+    """The sampler state or the denoised estimate became NaN/inf at ``step`` (noise level ``sigma``)."""
+
+    def __init__(self, solver: str, step: int, sigma: float, what: str = "state"):
+        self.solver, self.step, self.sigma, self.what = solver, step, sigma, what
+        cause = ("the model returned NaN/inf" if what == "denoised estimate" else "the guidance step diverged")
+        super().__init__(
+            f"{solver}: the sampler {what} became non-finite (NaN/inf) at step {step} (sigma {sigma:.4g}): {cause}. "
+            "Try a smaller eta (or a gradient clamp, the 'sigma' eta schedule, more steps), or run the model in a "
+            "higher precision.")
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def normal_tensor(t):
+    """Detach and, for inference tensors, clone into a normal tensor (call under inference_mode(False))."""
+    if isinstance(t, torch.Tensor):
+        t = t.detach()
+        if t.is_inference():
+            t = t.clone()
+    return t
+
+
+def per_batch_l2(w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """``|| w_b - h_b ||_2`` over all non-batch dims -> shape [B]."""
+    diff = w.to(device=h.device, dtype=h.dtype) - h
+    return torch.linalg.vector_norm(diff.reshape(diff.shape[0], -1), ord=2, dim=1)
+
+
+def per_batch_mse(w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """``mean((w_b - h_b)^2)`` over all non-batch dims -> shape [B]."""
+    diff = w.to(device=h.device, dtype=h.dtype) - h
+    return diff.reshape(diff.shape[0], -1).pow(2).mean(dim=1)
+
+
+def batch_compatible(shape: tuple, ref: tuple) -> bool:
+    """``shape == ref``, or ``shape`` is ``ref`` with batch 1 (broadcast over the batch)."""
+    shape, ref = tuple(shape), tuple(ref)
+    return shape == ref or (len(shape) == len(ref) >= 1 and shape[0] == 1 and shape[1:] == ref[1:])
+
+
+class MeasurementLoss:
+    """``z0 -> || y - forward(z0) ||`` per batch element (plain L2 norm, or the mean square with ``mse=True``).
+
+    The first call checks that the measurement has ``forward``'s output shape (batch 1 broadcasts) and raises a
+    ValueError naming ``solver`` and ``what`` otherwise (``what`` describes the output, ``{shape}`` standing for
+    its shape: "operator output shape {shape} (operator applied to the denoised latent)").
+    """
+
+    def __init__(self, solver: str, measurement: torch.Tensor, forward: Callable, what: str, mse: bool = False):
+        self.solver, self.forward, self.what, self.mse = solver, forward, what, mse
+        with torch.inference_mode(False):
+            self.y = normal_tensor(measurement)
+        self.checked = False
+
+    def __call__(self, z0: torch.Tensor) -> torch.Tensor:
+        h = self.forward(z0)
+        if not self.checked:
+            self.check(h)
+        return per_batch_mse(self.y, h) if self.mse else per_batch_l2(self.y, h)
+
+    def check(self, h) -> None:
+        o = tuple(h.shape) if isinstance(h, torch.Tensor) else None
+        m = tuple(self.y.shape)
+        if o is None or not batch_compatible(m, o):
+            raise ValueError(f"{self.solver} measurement shape {m} does not match the {self.what.format(shape=o)}; "
+                             f"the measurement must have that shape (batch {o[0] if o else '?'} or 1)")
+        self.checked = True
+
+
+# ------------------------------------------------------------------------------------------------ settings
+def _off_values_to_none(settings: Settings) -> None:
+    for spec in setting_specs(settings):
+        value = getattr(settings, spec.name)
+        if spec.none_as is not None and value is not None and not isinstance(value, bool) and value == spec.none_as:
+            object.__setattr__(settings, spec.name, None)
+
+
+@dataclasses.dataclass(frozen=True)
+class GuidanceSettings(Settings):
+    """Base of the solvers' settings: a field's "off" widget value (``none_as``) is stored as None however the
+    object is built, and the noise parameterization (a property of the model, not a widget)."""
+
+    parameterization: str = setting(
+        "vp", choices=tuple(PARAMETERIZATIONS), widget=False,
+        tooltip="Noise parameterization of the model: 'vp' (x = z0 + sigma eps; eps- and v-prediction models) or "
+                "'flow' (x = (1 - sigma) z0 + sigma eps; flow-matching models). The node reads it from the model.")
+
+    def validate(self) -> None:
+        _off_values_to_none(self)
+
+
+def resolve_settings(cls: type[GuidanceSettings], settings: GuidanceSettings | None, values: dict[str, Any]):
+    """``settings`` (an instance of ``cls``, default ``cls()``) with ``values`` (widget / keyword values, ``none_as``
+    meaning off) laid over it, validated once by the dataclass.  Unknown names are a :class:`SettingError`."""
+    if settings is not None and not isinstance(settings, cls):
+        raise SettingError("settings", f"settings= must be a {cls.__name__}, got {type(settings).__name__}")
+    if not values:
+        return settings if settings is not None else cls()
+    base = settings.as_dict() if settings is not None else {}
+    return cls.from_values({**base, **values})
+
+
+@dataclasses.dataclass(frozen=True)
+class Guidance:
+    """What the loop needs from a solver's settings."""
+
+    eta: float = 0.0
+    update: str = "ddpm"
+    gradient: str = "unet"
+    grad_clamp: float | None = None
+    eta_schedule: str | Callable[[int, float], float] = "constant"
+    early_stop: int | None = None
+    parameterization: str = "vp"
+
+
+def settings_guidance(settings: GuidanceSettings, options: dict[str, Any] | None = None,
+                      **fixed: Any) -> Guidance:
+    """The loop's :class:`Guidance` from a solver's settings (fields of the same name), a callable ``eta_schedule``
+    taken from ``options`` (a callable cannot be a declared setting), and ``fixed`` values (e.g. ReSample's update)."""
+    values = {f.name: getattr(settings, f.name) for f in dataclasses.fields(Guidance) if hasattr(settings, f.name)}
+    if options is not None and callable(options.get("eta_schedule")):
+        values["eta_schedule"] = options["eta_schedule"]
+    return Guidance(**{**values, **fixed})
+
+
+def split_options(cls: type[GuidanceSettings], settings: GuidanceSettings | None, options: dict[str, Any]):
+    """``(settings, schedule_options)``: the keyword ``options`` of a KSAMPLER function resolved against ``cls``
+    (see :func:`resolve_settings`); a callable ``eta_schedule`` is kept aside for :func:`settings_guidance`."""
+    options = dict(options)
+    aside = {"eta_schedule": options.pop("eta_schedule")} if callable(options.get("eta_schedule")) else {}
+    return resolve_settings(cls, settings, options), aside
+
+
+def eta_function(eta: float, schedule, sigma0: float, param: Parameterization) -> Callable[[int, float], float]:
+    """``(i, sigma) -> eta_i``: ``"constant"``; ``"sigma"`` = eta times the VP noise fraction ``sqrt(1 - abar)``
+    relative to the first step's (decays to 0); or a callable ``(i, sigma) -> factor`` multiplying eta."""
+    if callable(schedule):
+        return lambda i, s: eta * float(schedule(i, s))
+    if schedule == "constant":
+        return lambda i, s: eta
+    if schedule == "sigma":
+        ref = param.noise_fraction(sigma0)
+        if ref <= 0:
+            return lambda i, s: 0.0
+        return lambda i, s: eta * param.noise_fraction(s) / ref
+    allowed = ", ".join(repr(k) for k in ETA_SCHEDULES)
+    raise ValueError(f"eta_schedule={schedule!r} is not known; allowed values: {allowed}, or a callable (i, sigma)")
+
+
+# ------------------------------------------------------------------------------------------------ solver
+@dataclasses.dataclass
+class StepState:
+    """What a solver's :meth:`Solver.post_step` may use: the step, its levels, the model's estimate, the noise
+    source, the parameterization, the trace entry (None without a trace) and the progress callable."""
+
+    i: int
+    sigma: torch.Tensor
+    sigma_next: torch.Tensor
+    denoised: torch.Tensor
+    noise_sampler: Callable | None
+    param: Parameterization
+    entry: dict | None
+    progress: Progress | None
+
+
+class Solver:
+    """One guided method on the loop.  Override :meth:`loss`; the rest is optional.
+
+    ``name`` names the solver in messages; the callback gets ``f"{key}_loss"``, ``f"{key}_eta"`` and every
+    :meth:`report` field as ``f"{key}_{field}"``.
+    """
+
+    name = "solver"
+    key = "solver"
+    has_extra = False  # the loss has a second term (trace: "extra_loss")
+    needs_noise = False  # post_step draws noise even with a deterministic update
+
+    def loss(self, z0: torch.Tensor) -> torch.Tensor:
+        """Per-batch measurement loss ``[B]`` of the denoised estimate; differentiable (the gradient flows through
+        whatever it calls)."""
+        raise NotImplementedError
+
+    def extra(self, z0: torch.Tensor) -> torch.Tensor | None:
+        """Optional second per-batch term added to :meth:`loss` before the gradient (reported as "extra_loss")."""
+        return None
+
+    def report(self, i: int) -> dict:
+        """Fields known before step ``i`` runs, added to its trace entry and callback."""
+        return {}
+
+    def post_step(self, state: StepState, x_next: torch.Tensor) -> torch.Tensor:
+        """The state after the guided update of step ``i`` (default: unchanged)."""
+        return x_next
+
+    def finish(self, x: torch.Tensor, entry: dict | None, progress: Progress | None) -> torch.Tensor:
+        """The returned sample (default: the final state)."""
+        return x
+
+
+def _checked_extra(extra, loss: torch.Tensor) -> torch.Tensor:
+    if not isinstance(extra, torch.Tensor) or tuple(extra.shape) != tuple(loss.shape):
+        got = tuple(extra.shape) if isinstance(extra, torch.Tensor) else type(extra).__name__
+        raise ValueError(f"extra_loss must return a per-batch loss tensor of shape {tuple(loss.shape)}, got {got}")
+    return extra.to(device=loss.device, dtype=loss.dtype)
+
+
+# ------------------------------------------------------------------------------------------------ estimates
+def _guided_estimate(model, x, sigma_in, extra_args, solver: Solver, gradient: str):
+    """``(z0_hat, loss, extra, grad)`` with ``grad`` of ``sum_b loss_b (+ extra_b)`` w.r.t. ``x`` (through the model)
+    or at ``z0_hat`` (``"x0"``), in the state's units; everything returned is detached."""
+    extra = None
+    if gradient == "x0":  # plain forward in the caller's mode (no graph, no copy of x)
+        with torch.no_grad():
+            denoised_ng = model(x, sigma_in, **extra_args)
+    with torch.inference_mode(False), torch.enable_grad():
+        if gradient == "unet":
+            target = normal_tensor(x).requires_grad_(True)
+            denoised_g = model(target, normal_tensor(sigma_in), **extra_args)
+        else:
+            denoised_g = target = normal_tensor(denoised_ng).requires_grad_(True)
+            del denoised_ng
+        loss = solver.loss(denoised_g)
+        total = loss
+        if solver.has_extra:
+            extra = _checked_extra(solver.extra(denoised_g), loss)
+            total = loss + extra
+            extra = extra.detach()
+        (grad,) = torch.autograd.grad(total.sum(), target)
+    return denoised_g.detach(), loss.detach(), extra, grad
+
+
+def _plain_estimate(model, x, sigma_in, extra_args, solver: Solver, need_loss: bool, need_extra: bool):
+    """An unguided model evaluation ``(z0_hat, loss or None, extra or None)``; no graph."""
+    with torch.no_grad():
+        denoised = model(x, sigma_in, **extra_args)
+        loss = solver.loss(denoised) if need_loss or need_extra else None
+        extra = _checked_extra(solver.extra(denoised), loss) if need_extra else None
+    return denoised, loss, extra
+
+
+def _check_finite(t: torch.Tensor, solver: Solver, i: int, sigma: float, what: str) -> None:
+    if not bool(torch.isfinite(t).all()):
+        raise NonFiniteStateError(solver.name, i, sigma, what)
+
+
+def _report(trace, callback, solver: Solver, i, x, sigma, denoised, loss, extra, eta_i, g) -> dict | None:
+    """Append step ``i``'s trace entry (returned) and call the callback."""
+    fields = solver.report(i)
+    entry = None
+    if trace is not None:
+        norms = [] if g is None else torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1).float().cpu().tolist()
+        entry = {"step": i, "sigma": float(sigma), "eta": float(eta_i), "loss": loss.float().cpu().tolist(),
+                 "grad_norm": norms}
+        if solver.has_extra:
+            entry["extra_loss"] = extra.float().cpu().tolist()
+        entry.update(fields)
+        trace.append(entry)
+    if callback is not None:
+        info = {"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised,
+                f"{solver.key}_loss": loss, f"{solver.key}_eta": float(eta_i)}
+        info.update({f"{solver.key}_{k}": v for k, v in fields.items()})
+        callback(info)
+    return entry
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+def _prepare(guidance: Guidance, sigmas, solver: Solver):
+    """The parameterization, update rule, eta function and step count (the settings are validated already; only
+    what depends on the sigmas is checked here)."""
+    n_steps = len(sigmas) - 1
+    k = guidance.early_stop
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < n_steps):
+        raise ValueError(f"{solver.name}: early_stop={k!r} is out of range for {n_steps} steps (0..{n_steps - 1})")
+    param = get_parameterization(guidance.parameterization)
+    step_fn = param.update(guidance.update)
+    eta_fn = eta_function(float(guidance.eta), guidance.eta_schedule, float(sigmas[0]) if len(sigmas) else 0.0, param)
+    return param, step_fn, eta_fn, n_steps
+
+
+def guided_sample(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict | None = None, callback=None,
+                  disable=None, *, solver: Solver, guidance: Guidance, trace: list | None = None,
+                  noise_sampler=None, progress: Progress | None = None) -> torch.Tensor:
+    """Run ``solver`` on the guided loop (see the module docstring); returns the sample, or ``z0_hat`` of step
+    ``guidance.early_stop``.
+
+    ``model(x, sigma_vec, **extra_args) -> z0_hat`` (``extra_args["seed"]`` seeds the noise like ComfyUI);
+    ``callback`` gets ComfyUI's per-step dict plus the solver's fields; ``trace`` receives one dict per step
+    ``{"step", "sigma", "eta", "loss": [B], "grad_norm": [B] (empty when unguided), ...solver fields}``;
+    ``noise_sampler(sigma, sigma_next)`` replaces ComfyUI's seeded noise; ``progress(phase, done, total)`` is called
+    after each step and by the solver's inner loops.  Raises :class:`NonFiniteStateError` on NaN/inf.
+    """
+    extra_args = {} if extra_args is None else extra_args
+    param, step_fn, eta_fn, n_steps = _prepare(guidance, sigmas, solver)
+    eta, clamp, early_stop = float(guidance.eta), guidance.grad_clamp, guidance.early_stop
+    if n_steps < 1:
+        return x
+    if noise_sampler is None and (param.stochastic(guidance.update) or solver.needs_noise):
+        noise_sampler = make_noise_sampler(x, seed=extra_args.get("seed", None))
+    s_in = x.new_ones([x.shape[0]])
+    entry = None
+    for i in _trange(n_steps, disable=disable) if _trange is not None else range(n_steps):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        eta_i = 0.0 if eta == 0 else eta_fn(i, float(sigma))
+        g = extra = None
+        if eta_i != 0 and early_stop != i:
+            denoised, loss, extra, g = _guided_estimate(model, x, sigma * s_in, extra_args, solver, guidance.gradient)
+            with torch.no_grad():
+                g = g.to(x.dtype) * param.vp_scale(sigma)  # gradient w.r.t. the VP latent (x0: Jacobian factor 1)
+        else:
+            eta_i = 0.0
+            report = trace is not None or callback is not None
+            denoised, loss, extra = _plain_estimate(model, x, sigma * s_in, extra_args, solver, report or i == 0,
+                                                    solver.has_extra and trace is not None)
+        _check_finite(denoised, solver, i, float(sigma), "denoised estimate")
+        entry = _report(trace, callback, solver, i, x, sigma, denoised, loss, extra, eta_i, g)
+        if early_stop == i:
+            return denoised
+        with torch.no_grad():
+            x_next = step_fn(x, denoised, sigma, sigma_next, noise_sampler)
+            if g is not None:
+                g = g.clamp(-clamp, clamp) if clamp is not None else g
+                x_next = x_next - (eta_i * param.vp_scale(sigma_next)) * g
+        x_next = solver.post_step(StepState(i, sigma, sigma_next, denoised, noise_sampler, param, entry, progress),
+                                  x_next)
+        _check_finite(x_next, solver, i, float(sigma), "state")
+        x = x_next
+        if progress is not None:
+            progress("step", i + 1, n_steps)
+    return solver.finish(x, entry, progress)
