@@ -84,6 +84,14 @@ def sd15_small(comfy_host, small_checkpoint):
     return model, clip, vae
 
 
+@pytest.fixture(scope="session")
+def family_models(host_base) -> dict[str, str]:
+    """Random checkpoints of the other model families (SDXL, SD2.x v-prediction, SD3, Flux; see
+    support/make_checkpoint.py) and a CLIP-L text encoder, built once (cached like the SD1.5 one) and linked into the
+    test host's models folders: ``{variant: file name}`` for CheckpointLoaderSimple (CLIPLoader for ``clip_l``)."""
+    return host_support.ensure_family_models(host_base)
+
+
 def pytest_report_header(config):
     where = host_support.comfyui_path()
     state = "found" if _HOST_PROBLEM is None else f"NOT USABLE ({_HOST_PROBLEM})"

@@ -47,9 +47,26 @@ def cache_dir() -> Path:
     return d
 
 
+# make_checkpoint.py variant -> cached file name. Bump a name's version when its variant's architecture changes, so
+# stale cached files are not reused.
+CHECKPOINT_FILES = {
+    "small": "sd15_small_random.safetensors",
+    "full": "sd15_full_random.safetensors",
+    "sdxl": "sdxl_small_random_v1.safetensors",
+    "sd21v": "sd21v_small_random_v1.safetensors",
+    "sd3": "sd3_small_random_v1.safetensors",
+    "flux": "flux_tiny_random_v1.safetensors",
+    "clip_l": "clip_l_random_v1.safetensors",
+}
+# the family checkpoints beyond SD1.5 (tests/comfy/test_families.py), and the host folder each file goes into
+FAMILY_VARIANTS = ("sdxl", "sd21v", "sd3", "flux")
+MODEL_FOLDERS = {"clip_l": "text_encoders"}
+
+
 def ensure_checkpoint(variant: str = "small") -> Path:
-    """Build (once, then cached) the random-weight SD1.5 checkpoint in a subprocess."""
-    out = cache_dir() / f"sd15_{variant}_random.safetensors"
+    """Build (once, then cached) a random-weight checkpoint of ``variant`` (see make_checkpoint.py) in a
+    subprocess."""
+    out = cache_dir() / CHECKPOINT_FILES[variant]
     if out.is_file():
         return out
     cmd = [sys.executable, str(REPO_ROOT / "tests" / "support" / "make_checkpoint.py"),
@@ -58,6 +75,26 @@ def ensure_checkpoint(variant: str = "small") -> Path:
     if proc.returncode != 0 or not out.is_file():
         raise RuntimeError(f"building the random checkpoint failed:\n{proc.stdout}\n{proc.stderr}")
     return out
+
+
+def link_model(base: Path, path: Path, folder: str = "checkpoints") -> str:
+    """Link a generated model file into ``base/models/<folder>`` (the host lists new files at its next request);
+    returns the name a loader node takes."""
+    target_dir = base / "models" / folder
+    target_dir.mkdir(parents=True, exist_ok=True)
+    target = target_dir / path.name
+    if not target.exists():
+        target.symlink_to(path)
+    return path.name
+
+
+def ensure_family_models(base: Path) -> dict[str, str]:
+    """Build (cached) the family checkpoints and the CLIP-L text encoder and link them into ``base``; returns
+    ``{variant: file name}`` for the loader nodes (CheckpointLoaderSimple; CLIPLoader for ``clip_l``)."""
+    names = {}
+    for variant in (*FAMILY_VARIANTS, "clip_l"):
+        names[variant] = link_model(base, ensure_checkpoint(variant), MODEL_FOLDERS.get(variant, "checkpoints"))
+    return names
 
 
 def make_base_directory(base: Path, checkpoints: list[Path]) -> Path:
