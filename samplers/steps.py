@@ -23,13 +23,11 @@ import torch
 
 __all__ = [
     "UPDATES",
-    "alpha_bar",
     "ddpm_step",
     "euler_step",
     "flow_ddpm_step",
     "get_update",
     "make_noise_sampler",
-    "sigma_to_vp_scale",
 ]
 
 NoiseSampler = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -40,18 +38,6 @@ def _as_sigma(sigma, like: torch.Tensor) -> torch.Tensor:
     if isinstance(sigma, torch.Tensor):
         return sigma
     return torch.as_tensor(sigma, dtype=like.dtype, device=like.device)
-
-
-def alpha_bar(sigma):
-    """Cumulative signal fraction ``alpha_bar = 1 / (1 + sigma**2)`` of the VP process (tensor or float)."""
-    return 1 / ((sigma * sigma) + 1)
-
-
-def sigma_to_vp_scale(sigma):
-    """``sqrt(1 + sigma**2) = 1 / sqrt(alpha_bar)``: the factor with ``x = z_t * sqrt(1 + sigma**2)``."""
-    if isinstance(sigma, torch.Tensor):
-        return torch.sqrt(1.0 + sigma**2.0)
-    return (1.0 + float(sigma) ** 2) ** 0.5
 
 
 def make_noise_sampler(x: torch.Tensor, seed: int | None = None) -> NoiseSampler:

@@ -6,6 +6,8 @@ random well-conditioned SPD covariance, a linear degradation ``M`` and Gaussian 
 
 * the exact MMSE denoiser in ComfyUI sigma space (``x = z0 + sigma * eps``):
   ``E[z0 | x] = mu + Sigma (Sigma + sigma^2 I)^{-1} (x - mu)``;
+* the same for flow-matching models' state ``x = (1 - sigma) z0 + sigma * eps`` (:meth:`flow_denoiser`):
+  ``E[z0 | x] = mu + a Sigma (a^2 Sigma + sigma^2 I)^{-1} (x - a mu)``, ``a = 1 - sigma`` (``mu`` at ``sigma = 1``);
 * the posterior ``p(z0 | w)``: mean ``mu + Sigma M^T (M Sigma M^T + sigma_w^2 I)^{-1} (w - M mu)`` and
   covariance ``Sigma - Sigma M^T (M Sigma M^T + sigma_w^2 I)^{-1} M Sigma``.
 
@@ -24,7 +26,7 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["ToyDenoiser", "ToyGaussianWorld", "karras_sigmas", "vp_sigmas"]
+__all__ = ["ToyDenoiser", "ToyGaussianWorld", "flow_sigmas", "karras_sigmas", "vp_sigmas"]
 
 OPERATOR_KINDS = ("blur", "downsample")
 
@@ -47,6 +49,15 @@ def vp_sigmas(n: int, beta_start: float = 0.00085, beta_end: float = 0.012, time
     all_sig = ((1 - abar) / abar) ** 0.5
     idx = torch.linspace(timesteps - 1, 0, n, dtype=torch.float64).round().long()
     sig = all_sig[idx]
+    return torch.cat([sig, sig.new_zeros(1)]).to(dtype)
+
+
+def flow_sigmas(n: int, shift: float = 3.0, timesteps: int = 1000, dtype=torch.float64):
+    """Flow-matching schedule as ComfyUI's SD3-style ``ModelSamplingDiscreteFlow`` gives it: ``n`` levels
+    ``sigma = shift t / (1 + (shift - 1) t)`` for ``t`` evenly spaced from 1 down to ``1 / timesteps``, then 0.
+    Starts at exactly ``sigma = 1`` (pure noise, where the VP-equivalent level is infinite)."""
+    t = torch.linspace(1.0, 1.0 / timesteps, n, dtype=torch.float64)
+    sig = shift * t / (1 + (shift - 1) * t)
     return torch.cat([sig, sig.new_zeros(1)]).to(dtype)
 
 
@@ -147,6 +158,24 @@ class ToyGaussianWorld:
         return out.reshape(x.shape).to(x.dtype)
 
     __call__ = exact_denoiser
+
+    def flow_denoiser(self, x: torch.Tensor, sigma: torch.Tensor, **extra_args) -> torch.Tensor:
+        """MMSE denoiser for ``x = (1 - sigma) z0 + sigma eps``: ``mu + a Sigma (a^2 Sigma + sigma^2 I)^{-1} (x - a mu)``
+        with ``a = 1 - sigma`` (batched, differentiable; exactly ``mu`` at ``sigma = 1``)."""
+        b = x.shape[0]
+        xf = x.reshape(b, self.dim).to(torch.float64)
+        sig = torch.as_tensor(sigma, dtype=torch.float64, device=x.device).reshape(-1)
+        if sig.numel() == 1:
+            sig = sig.expand(b)
+        a = (1.0 - sig)[:, None]
+        q, lam, mu = self.eigvecs.to(x.device), self.eigvals.to(x.device), self.mu.to(x.device)
+        gain = a * lam / (a * a * lam + sig[:, None] ** 2)  # [B, D] in the eigenbasis
+        out = mu + (((xf - a * mu) @ q) * gain) @ q.T
+        return out.reshape(x.shape).to(x.dtype)
+
+    def denoiser(self, parameterization: str = "vp"):
+        """The exact denoiser for the ``"vp"`` or ``"flow"`` state."""
+        return {"vp": self.exact_denoiser, "flow": self.flow_denoiser}[parameterization]
 
     # -------------------------------------------------------------- operator
     def operator(self, z: torch.Tensor, **kwargs) -> torch.Tensor:

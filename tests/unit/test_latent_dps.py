@@ -29,7 +29,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from support.toy import ToyDenoiser, ToyGaussianWorld, karras_sigmas, vp_sigmas
+from support.toy import ToyDenoiser, ToyGaussianWorld, flow_sigmas, karras_sigmas, vp_sigmas
 
 from comfyui_silo.operators.degradations import JPEG, BoxInpaint
 from comfyui_silo.samplers.latent_dps import LatentDPSSettings, psld_gluing_loss, sample_latent_dps
@@ -101,9 +101,8 @@ def _x0(sig, n=B, seed=5):
 
 def _dps(toy, sig, x, y, op, **kw):
     kw.setdefault("decoder", toy.dec)
-    return sample_latent_dps(
-        toy.world.exact_denoiser, x, sig, {"seed": 3}, disable=True, measurement=y, degradation=op, **kw
-    )
+    model = toy.world.denoiser(kw.get("parameterization", "vp"))
+    return sample_latent_dps(model, x, sig, {"seed": 3}, disable=True, measurement=y, degradation=op, **kw)
 
 
 def _residual(toy, op, y, out):
@@ -235,6 +234,45 @@ def test_psld_mean_approaches_posterior(toy, gradient):
     assert last < 0.01 * first, (first, last)
     dps = _dps(toy, sig, x, y, toy.box, encoder=toy.enc, eta=0.2, gluing=0.0, gradient=gradient)
     assert not torch.allclose(out, dps)
+
+
+# ------------------------------------------------------------------------------------- flow parameterization
+@pytest.mark.parametrize("gradient", ["unet", "x0"])
+@pytest.mark.parametrize("update", ["ddpm", "euler"])
+def test_flow_latent_dps_mean_approaches_posterior(toy, update, gradient):
+    """Flow state (exact flow denoiser, SD3-style schedule from sigma = 1): the VP test's eta 0.3 works as it is."""
+    sig = flow_sigmas(200)
+    x = _x0(sig)
+    y = toy.measure(toy.down)
+    pm = toy.posterior_mean(toy.down, y)
+    kw = dict(update=update, parameterization="flow")
+    ref = _dps(toy, sig, x, y, toy.down, eta=0.0, **kw)
+    out = _dps(toy, sig, x, y, toy.down, eta=0.3, gradient=gradient, **kw)
+    err0 = (ref.mean(0) - pm).norm().item()
+    err = (out.mean(0) - pm).norm().item()
+    assert err0 > 3.0
+    assert err <= 0.3 * err0, (err, err0)  # measured (seed 0): ddpm 0.15 / 0.07, euler 0.22 / 0.06
+    floor = toy.noise_floor(toy.down)
+    res = _residual(toy, toy.down, y, out).mean().item()
+    assert _residual(toy, toy.down, y, ref).mean().item() > 10 * floor
+    assert 0.5 * floor <= res <= 1.5 * floor, (res, floor)  # measured: 0.88-0.93
+
+
+@pytest.mark.parametrize("gradient", ["unet", "x0"])
+def test_flow_psld_mean_approaches_posterior(toy, gradient):
+    sig = flow_sigmas(200)
+    x = _x0(sig)
+    y = toy.measure(toy.box)
+    pm = toy.posterior_mean(toy.box, y)
+    ref = _dps(toy, sig, x, y, toy.box, eta=0.0, parameterization="flow")
+    tr = []
+    out = _dps(toy, sig, x, y, toy.box, encoder=toy.enc, eta=0.2, gluing=0.2, gradient=gradient, trace=tr,
+               parameterization="flow")
+    err0 = (ref.mean(0) - pm).norm().item()
+    assert (out.mean(0) - pm).norm().item() <= 0.3 * err0  # measured (seed 0): 0.06 (unet) / 0.13 (x0)
+    floor = toy.noise_floor(toy.box)
+    assert 0.5 * floor <= _residual(toy, toy.box, y, out).mean().item() <= 1.5 * floor  # measured: 0.88 / 1.06
+    assert sum(tr[-1]["extra_loss"]) < 0.01 * sum(tr[0]["extra_loss"])
 
 
 # ------------------------------------------------------------------------------------- gluing term

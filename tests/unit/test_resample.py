@@ -21,7 +21,7 @@ import math
 
 import pytest
 import torch
-from support.toy import ToyDenoiser, ToyGaussianWorld, karras_sigmas, vp_sigmas
+from support.toy import ToyDenoiser, ToyGaussianWorld, flow_sigmas, karras_sigmas, vp_sigmas
 
 from comfyui_silo.samplers.resample import (
     ReSampleSettings,
@@ -32,7 +32,7 @@ from comfyui_silo.samplers.resample import (
     sample_resample,
     stochastic_resample,
 )
-from comfyui_silo.samplers.steps import alpha_bar, euler_step
+from comfyui_silo.samplers.steps import euler_step
 
 pytestmark = pytest.mark.unit
 
@@ -103,7 +103,7 @@ def _x0(shape, sigmas, n, seed=5):
 
 def _run(lw, sigmas, x, **kw):
     return sample_resample(
-        lw.world.exact_denoiser,
+        lw.world.denoiser(kw.get("parameterization", "vp")),
         x,
         sigmas,
         {"seed": 3},
@@ -116,6 +116,11 @@ def _run(lw, sigmas, x, **kw):
 
 
 # ----------------------------------------------------------------------------- (1) resampling formula
+def alpha_bar(sigma):
+    """VP signal fraction of the vp state's level (written out here, independently of the core)."""
+    return 1.0 / (1.0 + sigma * sigma)
+
+
 def _vp_moments(z0, xu, sigma, sigma_prev, gamma, variance):
     """Paper's VP-space N(mu, s^2) written out independently, mapped to sigma space (x = z / sqrt(abar))."""
     ab, ab_t = alpha_bar(sigma), alpha_bar(sigma_prev)  # abar_{t-1} (resampled level), abar_t (step start)
@@ -251,6 +256,75 @@ def test_dps_only_guides(lw):
     ref = _run(lw, sig, x, consistency_every=0)
     out = _run(lw, sig, x, consistency_every=0, dps_eta=0.5)
     assert lw.residual(out).mean().item() < 0.5 * lw.residual(ref).mean().item()
+
+
+# --------------------------------------------------------------------------------- flow parameterization
+def _flow_abar(sigma):
+    """VP signal fraction of the flow state x = (1 - sigma) z0 + sigma eps, written out independently."""
+    return (1 - sigma) ** 2 / ((1 - sigma) ** 2 + sigma**2)
+
+
+@pytest.mark.parametrize("variance", ["paper", "reference"])
+@pytest.mark.parametrize(("sigma", "sigma_prev"), [(0.5, 0.6), (0.2, 0.3), (0.7, 1.0)])
+def test_flow_stochastic_resample_is_the_vp_formula_in_the_flow_state(variance, sigma, sigma_prev):
+    """The paper's VP-space N(mu, s^2) at the flow levels' abar, mapped to the flow state x = z_t * k (k^2 = a^2 +
+    sigma^2): mean and variance match the samples, also from the flow models' first level sigma_prev = 1."""
+    g = torch.Generator().manual_seed(3)
+    d, n, gamma = 5, 200_000, 2.0
+    z0 = torch.randn(1, d, generator=g, dtype=F64)
+    xu = 0.7 * torch.randn(1, d, generator=g, dtype=F64) + 0.3
+    noise = torch.randn(n, d, generator=g, dtype=F64)
+    out = stochastic_resample(z0, xu.expand(n, d), sigma, sigma_prev, gamma, noise, variance, "flow")
+    ab, ab_t = _flow_abar(sigma), _flow_abar(sigma_prev)
+    v = gamma * (1 - ab) / (ab_t if variance == "paper" else 1 - ab_t) * (1 - ab_t / ab) if ab_t > 0 else math.inf
+    k = math.sqrt((1 - sigma) ** 2 + sigma**2)
+    z_u = xu / k
+    if math.isinf(v):  # the limit v -> inf: re-noise z0_y
+        mu_vp, var_vp = math.sqrt(ab) * z0, 1 - ab
+    else:
+        mu_vp = (v * math.sqrt(ab) * z0 + (1 - ab) * z_u) / (v + 1 - ab)
+        var_vp = v * (1 - ab) / (v + 1 - ab)
+    if variance == "reference" and ab_t == 0:  # reference schedule's finite limit: v = gamma (1 - abar)
+        v = gamma * (1 - ab)
+        mu_vp = (v * math.sqrt(ab) * z0 + (1 - ab) * z_u) / (v + 1 - ab)
+        var_vp = v * (1 - ab) / (v + 1 - ab)
+    assert resample_variance(sigma, sigma_prev, gamma, variance, "flow") == pytest.approx(v, rel=1e-10)
+    mu, var = mu_vp * k, var_vp * k * k
+    se = math.sqrt(var / n)
+    assert (out.mean(0) - mu[0]).abs().max().item() < 5 * se
+    assert (out.var(0) - var).abs().max().item() < 5 * var * math.sqrt(2.0 / (n - 1))
+
+
+def test_flow_disabled_is_plain_euler_bit_exact(lw):
+    sig = flow_sigmas(20)
+    x = _x0(lw.world.shape, sig, 4)
+    ref = _plain_euler(lw.world.flow_denoiser, x, sig)
+    assert torch.equal(_run(lw, sig, x, consistency_every=0, parameterization="flow"), ref)
+
+
+@pytest.mark.parametrize("kw", [{"optimizer": "sgd", "lr": 1.0},
+                                {"optimizer": "sgd", "lr": 1.0, "pixel_lr": 1.0, "encoder": "yes"}],
+                         ids=["latent-sgd", "pixel+latent-sgd"])
+def test_flow_mean_approaches_posterior_and_residual_hits_floor(lw, kw):
+    kw = dict(kw, parameterization="flow")
+    if kw.get("encoder"):
+        kw["encoder"] = lw.encode
+    sig = flow_sigmas(50)
+    x = _x0(lw.world.shape, sig, 512)
+    pm = lw.posterior_mean()
+    tr0, tr = [], []
+    ref = _run(lw, sig, x, consistency_every=0, trace=tr0, parameterization="flow")
+    out = _run(lw, sig, x, consistency_every=5, trace=tr, **kw)
+    err0 = (ref.mean(0) - pm).norm().item()
+    assert err0 > 3.0
+    assert (out.mean(0) - pm).norm().item() <= 0.35 * err0  # measured (world seeds 0, 1): 0.15-0.17
+    floor = lw.noise_floor()
+    assert lw.residual(ref).mean().item() > 10 * floor
+    assert lw.residual(out).mean().item() <= floor  # measured: 0.019 x floor
+    assert sum(tr[-1]["loss"]) < 0.3 * sum(tr0[-1]["loss"])
+    # DPS steps alone pull towards the measurement too (dps_eta in the same VP units)
+    dps = _run(lw, sig, x[:64], consistency_every=0, dps_eta=0.5, parameterization="flow")
+    assert lw.residual(dps).mean().item() < 0.5 * lw.residual(ref[:64]).mean().item()
 
 
 # ------------------------------------------------------------------------------ (4) hard consistency

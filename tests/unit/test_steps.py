@@ -1,20 +1,23 @@
-"""Step functions and eta=0 SILO vs. independent re-implementations of ComfyUI's euler / ddpm loops."""
+"""Step functions, parameterizations and eta=0 SILO vs. independent re-implementations of ComfyUI's euler / ddpm
+loops (vp), and of ComfyUI's euler loop on a flow model (flow)."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
-from support.toy import ToyGaussianWorld, karras_sigmas, vp_sigmas
+from support.toy import ToyGaussianWorld, flow_sigmas, karras_sigmas, vp_sigmas
 
+from comfyui_silo.samplers.parameterization import get_parameterization
 from comfyui_silo.samplers.silo import sample_silo
 from comfyui_silo.samplers.steps import (
     UPDATES,
-    alpha_bar,
     ddpm_step,
     euler_step,
+    flow_ddpm_step,
     get_update,
     make_noise_sampler,
-    sigma_to_vp_scale,
 )
 
 pytestmark = pytest.mark.unit
@@ -146,10 +149,9 @@ def test_make_noise_sampler_matches_generator():
 
 def test_step_math():
     s = torch.tensor(2.0, dtype=torch.float64)
-    assert alpha_bar(s).item() == pytest.approx(0.2)
-    assert alpha_bar(0.0) == 1.0
-    assert sigma_to_vp_scale(s).item() == pytest.approx(5**0.5)
-    assert sigma_to_vp_scale(0.0) == 1.0
+    vp = get_parameterization("vp")
+    assert vp.alpha_bar(s) == pytest.approx(0.2) and vp.alpha_bar(0.0) == 1.0
+    assert vp.vp_scale(s) == pytest.approx(5**0.5) and vp.vp_scale(0.0) == 1.0
     x = torch.randn(2, 5, dtype=torch.float64)
     den = torch.randn(2, 5, dtype=torch.float64)
     # Euler to sigma_next = 0 lands on the denoised estimate; DDPM to 0 too (no noise drawn)
@@ -176,3 +178,68 @@ def test_get_update():
     assert get_update("ddpm") is ddpm_step
     with pytest.raises(ValueError, match=r"update='heun'.*'ddpm', 'euler'"):
         get_update("heun")
+
+
+# --------------------------------------------------------------------------------------------------
+# flow parameterization: x = (1 - sigma) z0 + sigma eps
+# --------------------------------------------------------------------------------------------------
+def test_flow_parameterization_maps_to_vp_units():
+    flow = get_parameterization("flow")
+    for sig in (0.1, 0.5, 0.9):
+        a, b = 1 - sig, sig
+        k = math.sqrt(a * a + b * b)
+        assert flow.vp_scale(sig) == pytest.approx(k)
+        assert flow.alpha_bar(sig) == pytest.approx(a * a / (a * a + b * b))
+        # the VP-equivalent level: same noise-to-signal ratio b / a, so the same abar
+        assert flow.alpha_bar(sig) == pytest.approx(get_parameterization("vp").alpha_bar(flow.ve_sigma(sig)))
+        assert flow.noise_fraction(sig) == pytest.approx(math.sqrt(1 - flow.alpha_bar(sig)))
+    assert flow.vp_scale(1.0) == 1.0 and flow.vp_scale(0.0) == 1.0 and flow.alpha_bar(1.0) == 0.0
+    assert flow.ve_sigma(1.0) == math.inf and flow.noise_fraction(1.0) == 1.0
+    assert flow.update("euler") is euler_step and flow.update("ddpm") is flow_ddpm_step
+    with pytest.raises(ValueError, match=r"parameterization='edm'.*'vp', 'flow'"):
+        get_parameterization("edm")
+    with pytest.raises(ValueError, match=r"update='heun'"):
+        flow.update("heun")
+
+
+@pytest.mark.parametrize(("sigma", "sigma_next"), [(0.9, 0.6), (0.5, 0.2), (0.3, 0.05)])
+def test_flow_ddpm_is_the_ve_posterior_step_in_the_flow_state(sigma, sigma_next):
+    """flow x at sigma = (1 - sigma) * (VE state at s = sigma / (1 - sigma)): the flow step is the VP/VE DDPM step
+    (ComfyUI's arithmetic, :func:`ddpm_step`) on x / (1 - sigma), scaled by 1 - sigma_next; same noise."""
+    g = torch.Generator().manual_seed(0)
+    x, den = torch.randn(3, 7, generator=g, dtype=torch.float64), torch.randn(3, 7, generator=g, dtype=torch.float64)
+    noise = torch.randn(3, 7, generator=g, dtype=torch.float64)
+    ns = lambda a, b: noise  # noqa: E731
+    s, sn = sigma / (1 - sigma), sigma_next / (1 - sigma_next)
+    ref = (1 - sigma_next) * ddpm_step(x / (1 - sigma), den, torch.tensor(s, dtype=torch.float64),
+                                       torch.tensor(sn, dtype=torch.float64), ns)
+    got = flow_ddpm_step(x, den, torch.tensor(sigma, dtype=torch.float64), torch.tensor(sigma_next, dtype=torch.float64),
+                         ns)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_flow_ddpm_at_the_ends():
+    g = torch.Generator().manual_seed(1)
+    x, den = torch.randn(2, 5, generator=g, dtype=torch.float64), torch.randn(2, 5, generator=g, dtype=torch.float64)
+    one, zero = torch.tensor(1.0, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64)
+    boom = lambda a, b: (_ for _ in ()).throw(AssertionError("noise drawn at the final step"))  # noqa: E731
+    assert torch.equal(flow_ddpm_step(x, den, torch.tensor(0.3, dtype=torch.float64), zero, boom), den)
+    # from pure noise (sigma = 1) the step forgets x: a fresh draw around z0_hat at the next level
+    nz = torch.randn(2, 5, generator=g, dtype=torch.float64)
+    out = flow_ddpm_step(x, den, one, torch.tensor(0.4, dtype=torch.float64), lambda a, b: nz)
+    torch.testing.assert_close(out, 0.6 * den + 0.4 * nz, rtol=0, atol=1e-15)
+    assert torch.isfinite(out).all()
+
+
+def test_eta0_flow_euler_bit_exact_vs_comfy_loop(world):
+    """ComfyUI runs sample_euler unchanged for flow models: the same arithmetic, bit for bit."""
+    sigmas = flow_sigmas(12, dtype=torch.float32)
+    x = torch.randn(3, *world.shape, generator=torch.Generator().manual_seed(11)) * sigmas[0]
+    meas = world.operator(torch.zeros(1, *world.shape, dtype=torch.float64))
+    ref_den, our_den = [], []
+    ref = ref_sample_euler(world.flow_denoiser, x, sigmas, {"seed": 1}, callback=lambda d: ref_den.append(d["denoised"]))
+    ours = sample_silo(world.flow_denoiser, x, sigmas, {"seed": 1}, callback=lambda d: our_den.append(d["denoised"]),
+                       disable=True, measurement=meas, operator=world.operator, eta=0.0, update="euler",
+                       parameterization="flow")
+    assert torch.equal(ours, ref)
+    assert all(torch.equal(a, b) for a, b in zip(ref_den, our_den, strict=True))
