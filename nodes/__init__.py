@@ -8,6 +8,7 @@ from .baselines import LatentDPSKSampler, LatentDPSSampler, ReSampleKSampler, Re
 from .degradation import ApplyDegradation, DegradationNode
 from .metrics import PixelUncertainty, RestorationMetrics, RestoreSeeds
 from .operator_nodes import LatentOperatorLoader, TrainLatentOperator
+from .plots import TracePlot
 from .sampling import EncodeMeasurement, SiloKSampler, SiloSampler
 
 NODES: list[type[io.ComfyNode]] = [
@@ -25,6 +26,7 @@ NODES: list[type[io.ComfyNode]] = [
     RestorationMetrics,
     PixelUncertainty,
     RestoreSeeds,
+    TracePlot,
 ]
 
 
