@@ -1,42 +1,59 @@
-"""Degradation nodes: build a DEGRADATION from parameters, and apply one to an IMAGE (for demos and tests)."""
+"""Degradation nodes: build a DEGRADATION from parameters, and apply one to an IMAGE (for demos and tests).
+
+The Degradation node's widgets are not declared here: each degradation class in the core declares its fields once
+(``operators.degradations.DEGRADATIONS``, field ``f`` of a class shown as widget ``widget_prefix + f``), and the
+node lists them in registry order. Saved workflows depend on the resulting names, order, defaults and ranges.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+
 from comfy_api.latest import io
 
-from ..operators.degradations import DEFAULT_MEASUREMENT_NOISE, SpecFieldError, add_noise, build_degradation
-from .common import CATEGORY, Degradation, SiloInputError, bchw_to_image, image_to_bchw, mask_to_b1hw
+from ..operators.degradations import DEFAULT_MEASUREMENT_NOISE, DEGRADATIONS, SpecFieldError, build_degradation
+from ..operators.physics import Measurement
+from .common import (
+    CATEGORY,
+    Degradation,
+    SiloInputError,
+    bchw_to_image,
+    display_name,
+    image_to_bchw,
+    mask_to_b1hw,
+    require_finite,
+)
+from .widgets import widget_input
 
-DEGRADATION_TYPES = ["gaussian_blur", "super_resolution", "box_inpaint", "random_box_inpaint", "mask_inpaint", "jpeg",
-                     "identity"]
+DEGRADATION_TYPES = [cls.type_name for cls in DEGRADATIONS]
+_CLASS_OF = {cls.type_name: cls for cls in DEGRADATIONS}
 
 
-def spec_from_widgets(kind: str, *, blur_kernel_size: int, blur_sigma: float, sr_factor: int, box_top: int,
-                      box_left: int, box_height: int, box_width: int, random_box_size: int, random_box_seed: int,
-                      jpeg_quality: int) -> dict:
+def degradation_widgets() -> list[tuple[str, str, object]]:
+    """``(type, widget name, field spec)`` for every field a degradation class shows on the node, in order."""
+    return [(cls.type_name, cls.widget_prefix + spec.name, spec)
+            for cls in DEGRADATIONS for spec in cls.field_specs() if spec.widget]
+
+
+def spec_from_widgets(kind: str, **widgets) -> dict:
     """Only the widgets that belong to ``kind`` make it into the spec."""
-    if kind == "gaussian_blur":
-        return {"type": kind, "kernel_size": blur_kernel_size, "sigma": blur_sigma}
-    if kind == "super_resolution":
-        return {"type": kind, "factor": sr_factor}
-    if kind == "box_inpaint":
-        return {"type": kind, "top": box_top, "left": box_left, "height": box_height, "width": box_width}
-    if kind == "random_box_inpaint":
-        return {"type": kind, "size": random_box_size, "seed": random_box_seed}
-    if kind == "jpeg":
-        return {"type": kind, "quality": jpeg_quality}
-    return {"type": kind}
+    cls = _CLASS_OF[kind]
+    return {"type": kind, **{s.name: widgets[cls.widget_prefix + s.name] for s in cls.field_specs() if s.widget}}
 
 
-#: spec field -> the widget it comes from, to name the right input in errors
-WIDGET_OF_FIELD = {"kernel_size": "blur_kernel_size", "sigma": "blur_sigma", "factor": "sr_factor", "top": "box_top",
-                   "left": "box_left", "height": "box_height", "width": "box_width", "size": "random_box_size",
-                   "seed": "random_box_seed", "quality": "jpeg_quality"}
+def widget_of_field(kind: str, field: str) -> str:
+    """The widget a spec field of ``kind`` comes from (``type`` for anything else), to name it in errors."""
+    cls = _CLASS_OF.get(kind)
+    if cls is not None and any(s.name == field and s.widget for s in cls.field_specs()):
+        return cls.widget_prefix + field
+    return "type"
 
 
 class DegradationNode(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
+        fields = [widget_input(dataclasses.replace(spec, name=name), tooltip=f"{kind}: {spec.tooltip}")
+                  for kind, name, spec in degradation_widgets()]
         return io.Schema(
             node_id="SILODegradation",
             display_name="Degradation (SILO)",
@@ -48,26 +65,7 @@ class DegradationNode(io.ComfyNode):
             inputs=[
                 io.Combo.Input("type", options=DEGRADATION_TYPES, default="gaussian_blur",
                                tooltip="The kind of degradation. The papers' settings are the defaults of each widget."),
-                io.Int.Input("blur_kernel_size", default=61, min=1, max=255, step=2,
-                             tooltip="gaussian_blur: odd kernel size in pixels (paper: 61)."),
-                io.Float.Input("blur_sigma", default=3.0, min=0.1, max=50.0, step=0.1,
-                               tooltip="gaussian_blur: standard deviation of the Gaussian in pixels (paper: 3.0)."),
-                io.Int.Input("sr_factor", default=4, min=2, max=16,
-                             tooltip="super_resolution: downscale factor (bicubic, antialiased; paper: 4 or 8)."),
-                io.Int.Input("box_top", default=128, min=0, max=16384, step=8,
-                             tooltip="box_inpaint: top edge of the missing box in pixels."),
-                io.Int.Input("box_left", default=128, min=0, max=16384, step=8,
-                             tooltip="box_inpaint: left edge of the missing box in pixels."),
-                io.Int.Input("box_height", default=256, min=1, max=16384, step=8,
-                             tooltip="box_inpaint: height of the missing box in pixels."),
-                io.Int.Input("box_width", default=256, min=1, max=16384, step=8,
-                             tooltip="box_inpaint: width of the missing box in pixels."),
-                io.Int.Input("random_box_size", default=256, min=8, max=16384, step=8,
-                             tooltip="random_box_inpaint: side of the square box, placed at random from the seed."),
-                io.Int.Input("random_box_seed", default=0, min=0, max=2**31 - 1,
-                             tooltip="random_box_inpaint: seed that places the box (same seed, same box)."),
-                io.Int.Input("jpeg_quality", default=10, min=1, max=100,
-                             tooltip="jpeg: JPEG quality 1-100 (paper: 10)."),
+                *fields,
                 io.Mask.Input("mask", optional=True,
                               tooltip="mask_inpaint: the missing region (white = missing), e.g. drawn in the "
                                       "mask editor of Load Image."),
@@ -77,22 +75,19 @@ class DegradationNode(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, type, blur_kernel_size, blur_sigma, sr_factor, box_top, box_left, box_height, box_width,
-                random_box_size, random_box_seed, jpeg_quality, mask=None) -> io.NodeOutput:
-        spec = spec_from_widgets(type, blur_kernel_size=blur_kernel_size, blur_sigma=blur_sigma, sr_factor=sr_factor,
-                                 box_top=box_top, box_left=box_left, box_height=box_height, box_width=box_width,
-                                 random_box_size=random_box_size, random_box_seed=random_box_seed,
-                                 jpeg_quality=jpeg_quality)
-        if type == "mask_inpaint" and mask is None:
-            raise SiloInputError("Degradation (SILO)", "mask", "type 'mask_inpaint' needs a mask (white = missing).",
+    def execute(cls, type, mask=None, **widgets) -> io.NodeOutput:
+        node = display_name(cls)
+        spec = spec_from_widgets(type, **widgets)
+        needs_mask = _CLASS_OF[type].needs_mask
+        if needs_mask and mask is None:
+            raise SiloInputError(node, "mask", f"type '{type}' needs a mask (white = missing).",
                                  "Connect the MASK output of Load Image (draw it in the mask editor) or of a mask node.")
         try:
-            deg = build_degradation(spec, mask=mask_to_b1hw(mask) if type == "mask_inpaint" else None)
+            deg = build_degradation(spec, mask=mask_to_b1hw(mask) if needs_mask else None)
         except SpecFieldError as e:
-            raise SiloInputError("Degradation (SILO)", WIDGET_OF_FIELD.get(e.field, "type"), f"{type}: {e}.") from None
+            raise SiloInputError(node, widget_of_field(type, e.field), f"{e}.") from None
         except ValueError as e:  # the mask (the only other input build_degradation checks)
-            raise SiloInputError("Degradation (SILO)", "mask" if type == "mask_inpaint" else "type",
-                                 f"{type}: {e}.") from None
+            raise SiloInputError(node, "mask" if needs_mask else "type", f"{type}: {e}.") from None
         return io.NodeOutput(deg)
 
 
@@ -123,12 +118,10 @@ class ApplyDegradation(io.ComfyNode):
 
     @classmethod
     def execute(cls, image, degradation, noise_sigma, seed) -> io.NodeOutput:
-        node = "Apply Degradation (SILO)"
-        x = image_to_bchw(image, node)
+        node = display_name(cls)
+        x = require_finite(image_to_bchw(image, node), node, "image")
         try:
-            y = degradation(x)
+            meas = Measurement.simulate(x, degradation, noise_sigma, seed=seed)
         except ValueError as e:
             raise SiloInputError(node, "image", str(e)) from None
-        y = add_noise(y, noise_sigma, seed=seed).clamp(0, 1)
-        full = degradation.lift(y, size=tuple(x.shape[-2:])).clamp(0, 1)
-        return io.NodeOutput(bchw_to_image(y), bchw_to_image(full))
+        return io.NodeOutput(bchw_to_image(meas.y), bchw_to_image(meas.lifted))

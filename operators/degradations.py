@@ -7,12 +7,20 @@ Images are float tensors ``[B, 3, H, W]`` with values in ``[0, 1]``.  Every oper
     y = add_noise(op(x), DEFAULT_MEASUREMENT_NOISE, seed=0)   # the measurement
     x0 = op.lift(y, size=x.shape[-2:])                         # full-size image for VAE encoding
 
-Supported spec types (``DEGRADATION_TYPES``), with required fields and defaults:
+A degradation type is declared in ONE place: its class, which names its spec ``type``, its properties
+(``is_linear``, ``same_size``, ``is_inpainting``, ``needs_mask``) and its fields as a frozen
+:class:`~comfyui_silo.config.Settings` dataclass (``Params``: type, range, default, tooltip of each field). The
+spec parser (:func:`build_degradation`), the spec's parameters (:attr:`Degradation.spec`), the list of types
+(:data:`DEGRADATION_TYPES`, :data:`INPAINT_TYPES`) and the Degradation node's widgets (``nodes/degradation.py``:
+one widget per field, named ``widget_prefix + field``) all derive from the classes in :data:`DEGRADATIONS`.
+Adding a type is adding one class to that tuple.
 
-* ``gaussian_blur``: ``sigma`` (> 0, required), ``kernel_size`` (odd >= 1; default
-  ``2 * ceil(10 * sigma) + 1``, i.e. 61 for sigma 3).  Normalised separable Gaussian with the
+Supported spec types, with required fields (``required``) and defaults:
+
+* ``gaussian_blur``: ``sigma`` (0.1..50, required), ``kernel_size`` (odd, 1..255; default
+  ``2 * ceil(10 * sigma) + 1`` capped at 255, i.e. 61 for sigma 3).  Normalised separable Gaussian with the
   boundary handling of ``scipy.ndimage.gaussian_filter(mode="reflect")`` (half-sample symmetric).
-* ``super_resolution``: ``factor`` (integer >= 2, required).  Antialiased bicubic downsampling
+* ``super_resolution``: ``factor`` (integer 2..16, required).  Antialiased bicubic downsampling
   (as PIL's bicubic resize), output clamped to ``[0, 1]``.
 * ``box_inpaint``: ``top``, ``left``, ``height``, ``width`` (all required).  Missing pixels are 0.
 * ``random_box_inpaint``: ``size`` (required), ``seed`` (default 0), ``margin`` (default 16).
@@ -23,6 +31,9 @@ Supported spec types (``DEGRADATION_TYPES``), with required fields and defaults:
 * ``jpeg``: ``quality`` (integer 1..100, required).  Differentiable JPEG from kornia (not linear).
 * ``identity``: no fields.
 
+The declared ranges are those of the Degradation node's widgets, so a spec the core accepts is one the node can
+show (a deliberate narrowing of the earlier open-ended spec ranges: e.g. sigma below 0.1 or a kernel over 255 px).
+
 This module is pure torch (+ kornia); it never imports ComfyUI.
 """
 
@@ -31,16 +42,21 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
+from ..config.fields import SettingError, Settings, SettingSpec, setting
+from .text import bounded
+
 __all__ = [
     "DEFAULT_MEASUREMENT_NOISE",
+    "DEGRADATIONS",
     "DEGRADATION_TYPES",
+    "INPAINT_TYPES",
     "STANDARD_DEGRADATIONS",
-    "SpecFieldError",
     "BoxInpaint",
     "Degradation",
     "GaussianBlur",
@@ -48,10 +64,16 @@ __all__ = [
     "JPEG",
     "MaskInpaint",
     "RandomBoxInpaint",
+    "SpecFieldError",
+    "SpecMismatch",
     "SuperResolution",
     "add_noise",
     "build_degradation",
+    "degradation_class",
+    "describe_spec",
     "gaussian_kernel1d",
+    "normalise_spec",
+    "spec_mismatch",
     "symmetric_pad",
 ]
 
@@ -69,61 +91,9 @@ STANDARD_DEGRADATIONS: dict[str, dict[str, Any]] = {
 }
 
 
-# --------------------------------------------------------------------------------------------
-# spec validation helpers
-# --------------------------------------------------------------------------------------------
-
-
-class SpecFieldError(ValueError):
+class SpecFieldError(SettingError):
     """A degradation spec field is missing or invalid; ``field`` names it (for front ends that map fields to
-    their own input names)."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(message)
-        self.field = field
-
-
-def _field_error(field: str, expected: str, value: Any) -> SpecFieldError:
-    return SpecFieldError(field, f"degradation spec field '{field}' must be {expected}, got {value!r}")
-
-
-def _as_int(spec: Mapping[str, Any], field: str, expected: str, minimum: int | None = None,
-            maximum: int | None = None) -> int:
-    value = spec[field]
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _field_error(field, expected, value)
-    if isinstance(value, float):
-        if not math.isfinite(value) or not value.is_integer():
-            raise _field_error(field, expected, value)
-        value = int(value)
-    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
-        raise _field_error(field, expected, value)
-    return int(value)
-
-
-def _as_positive_float(spec: Mapping[str, Any], field: str) -> float:
-    value = spec[field]
-    expected = "a positive number"
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _field_error(field, expected, value)
-    value = float(value)
-    if not math.isfinite(value) or value <= 0:
-        raise _field_error(field, expected, spec[field])
-    return value
-
-
-def _check_fields(spec: Mapping[str, Any], kind: str, required: Sequence[str], optional: Sequence[str]) -> None:
-    allowed = ("type", *required, *optional)
-    extra = [k for k in spec if k not in allowed]
-    if extra:
-        names = ", ".join(repr(str(k)) for k in extra)
-        raise ValueError(
-            f"degradation spec for type '{kind}' has unknown field(s) {names}; "
-            f"allowed fields are {', '.join(repr(a) for a in allowed)}"
-        )
-    for field in required:
-        if field not in spec:
-            raise SpecFieldError(field, f"degradation spec field '{field}' is required for type '{kind}' but is missing")
+    their own input names, e.g. the Degradation node's widgets)."""
 
 
 def _check_image(x: torch.Tensor, what: str = "image") -> None:
@@ -195,6 +165,8 @@ def _normalise_mask(mask: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"mask must have shape [H, W], [B, H, W] or [B, 1, H, W], got {tuple(mask.shape)}")
     if mask.numel() == 0:
         raise ValueError(f"mask is empty (shape {tuple(mask.shape)})")
+    if not torch.isfinite(mask.detach().float()).all():
+        raise ValueError("mask contains NaN or infinite values")
     return (mask.detach().float() >= 0.5).float()
 
 
@@ -205,7 +177,8 @@ def _broadcast_mask(mask: torch.Tensor, x_shape: Sequence[int]) -> torch.Tensor:
         raise ValueError(f"the inpainting mask is {mh}x{mw} (HxW) but the image is {h}x{w}; resize the mask to the image")
     if mask.shape[0] != b:
         if mask.shape[0] != 1:
-            raise ValueError(f"the inpainting mask has batch size {mask.shape[0]} but the image batch is {b}; use 1 or {b}")
+            use = "use a single mask" if b == 1 else f"use one mask, or {b} (one per image)"
+            raise ValueError(f"the inpainting mask has batch size {mask.shape[0]} but the image batch is {b}; {use}")
         mask = mask.expand(b, -1, -1, -1)
     return mask
 
@@ -223,27 +196,88 @@ def _latent_mask(pixel_mask: torch.Tensor, size: tuple[int, int]) -> torch.Tenso
 # --------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class NoParams(Settings):
+    """The fields of a degradation type that has none (identity, mask_inpaint)."""
+
+
 class Degradation(torch.nn.Module):
     """Base class of a degradation operator ``y = A(x)`` (before measurement noise).
 
-    Subclasses implement :meth:`linear` (linear ones) or :meth:`forward`, :meth:`_params`
-    (the spec without ``type``), :attr:`name` and, where they differ from the defaults,
-    :meth:`lift`, :meth:`pixel_mask` and :meth:`naive_latent`.
+    A subclass declares, once: ``type_name`` (the spec's ``type``), ``Params`` (a frozen
+    :class:`~comfyui_silo.config.Settings` dataclass whose fields are the spec's fields, with range, default and
+    tooltip), ``required`` (fields a JSON spec must give), ``widget_prefix`` (the Degradation node names the widget
+    of field ``f`` ``widget_prefix + f``) and its properties. It implements :meth:`linear` (linear ones) or
+    :meth:`forward`, :attr:`name` and, where they differ from the defaults, :meth:`lift`, :meth:`pixel_mask`,
+    :meth:`restored_size` and :meth:`naive_latent`. The members callers may rely on are listed by
+    :class:`~comfyui_silo.operators.physics.DegradationLike`.
     """
 
-    type_name: str = ""
-    is_linear: bool = True
+    type_name: ClassVar[str] = ""
+    Params: ClassVar[type[Settings]] = NoParams
+    required: ClassVar[tuple[str, ...]] = ()
+    widget_prefix: ClassVar[str] = ""
+    is_linear: ClassVar[bool] = True
     #: True when the measurement has the image's own size (everything but super-resolution).
-    same_size: bool = True
+    same_size: ClassVar[bool] = True
+    #: True for the types whose measurement misses pixels (``pixel_mask`` is not None).
+    is_inpainting: ClassVar[bool] = False
+    #: True when the caller must give a mask (it is not part of the spec).
+    needs_mask: ClassVar[bool] = False
+
+    def __init__(self, **values: Any):
+        super().__init__()
+        try:
+            self.params = self.Params(**values)
+        except SettingError as e:
+            raise SpecFieldError(e.field, str(e)) from None
+        for key, value in self.params.as_dict().items():
+            setattr(self, key, value)
+
+    # -- declaration ------------------------------------------------------------------------
+    @classmethod
+    def field_specs(cls) -> list[SettingSpec]:
+        """The declared spec fields (name, kind, range, default, tooltip), in declaration order."""
+        return cls.Params.specs()
+
+    @classmethod
+    def owner(cls) -> str:
+        return f"degradation '{cls.type_name}'"
+
+    @classmethod
+    def complete_spec(cls, fields: dict[str, Any]) -> dict[str, Any]:
+        """Fill the optional fields a JSON spec left out whose default depends on other fields (override)."""
+        return fields
+
+    @classmethod
+    def from_spec(cls, spec: Mapping[str, Any], mask: torch.Tensor | None = None) -> Degradation:
+        """Build from a spec dict (``type`` already checked): unknown and missing fields are refused by name."""
+        fields = {k: v for k, v in spec.items() if k != "type"}
+        allowed = ["type", *(s.name for s in cls.field_specs())]
+        extra = [str(k) for k in fields if k not in allowed]
+        if extra:
+            raise SpecFieldError(extra[0], (
+                f"degradation spec for type '{cls.type_name}' has unknown field(s) "
+                f"{', '.join(repr(bounded(k, 60)) for k in extra[:5])}; allowed fields are "
+                f"{', '.join(repr(a) for a in allowed)}"))
+        for name in cls.required:
+            if name not in fields:
+                raise SpecFieldError(name, f"degradation spec field '{name}' is required for type "
+                                           f"'{cls.type_name}' but is missing")
+        if cls.needs_mask:
+            if mask is None:
+                raise ValueError(f"degradation type '{cls.type_name}' needs a mask (1 = missing pixel); none was given")
+            return cls(mask=mask, **fields)
+        if mask is not None:
+            raise ValueError(f"a mask was given but degradation type '{cls.type_name}' does not use one "
+                             "(only 'mask_inpaint' does)")
+        return cls(**cls.complete_spec(fields))
 
     # -- spec ---------------------------------------------------------------------------------
-    def _params(self) -> dict[str, Any]:
-        return {}
-
     @property
     def spec(self) -> dict[str, Any]:
         """Normalised, JSON-serialisable spec (all defaults filled in, ``type`` first)."""
-        return {"type": self.type_name, **self._params()}
+        return {"type": self.type_name, **self.params.as_dict()}
 
     def to_json(self) -> str:
         return json.dumps(self.spec)
@@ -266,6 +300,10 @@ class Degradation(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_image(x)
         return self.linear(x)
+
+    def A(self, x: torch.Tensor) -> torch.Tensor:  # noqa: N802  (the usual name of the forward operator)
+        """``A(x)``, the same as calling the module (deepinv's name)."""
+        return self(x)
 
     def A_adjoint(self, y: torch.Tensor, x_shape: Sequence[int]) -> torch.Tensor:  # noqa: N802
         """Exact adjoint ``A^T y`` of :meth:`linear`, as the vector-Jacobian product at 0.
@@ -291,6 +329,10 @@ class Degradation(torch.nn.Module):
 
     def measurement_shape(self, x_shape: Sequence[int]) -> tuple[int, ...]:
         return tuple(int(s) for s in x_shape)
+
+    def restored_size(self, measured_size: Sequence[int]) -> tuple[int, int]:
+        """``(H, W)`` of the image a measurement of size ``measured_size`` (``(h, w)``) was made from."""
+        return int(measured_size[-2]), int(measured_size[-1])
 
     def lift(self, y: torch.Tensor, size: Sequence[int] | None = None) -> torch.Tensor:
         """Measurement -> full-size image in ``[0, 1]`` for VAE encoding (identity + clamp here)."""
@@ -331,6 +373,24 @@ class Identity(Degradation):
         return x
 
 
+#: Largest blur kernel (the node's widget range); a spec without ``kernel_size`` gets ``2 ceil(10 sigma) + 1``,
+#: capped here (so sigma above 12.7 px is truncated at fewer than 10 sigma).
+MAX_KERNEL_SIZE = 255
+
+
+@dataclass(frozen=True)
+class GaussianBlurParams(Settings):
+    OWNER: ClassVar[str] = "degradation 'gaussian_blur'"
+    kernel_size: int = setting(61, min=1, max=MAX_KERNEL_SIZE, step=2, tooltip="odd kernel size in pixels (paper: 61).")
+    sigma: float = setting(3.0, min=0.1, max=50.0, step=0.1,
+                           tooltip="standard deviation of the Gaussian in pixels (paper: 3.0).")
+
+    def validate(self) -> None:
+        if self.kernel_size % 2 == 0:
+            raise SettingError("kernel_size", f"{self.OWNER} setting 'kernel_size' must be an odd integer, "
+                                              f"got {self.kernel_size}")
+
+
 class GaussianBlur(Degradation):
     """Normalised separable Gaussian blur, boundary as ``scipy.ndimage.gaussian_filter(mode="reflect")``.
 
@@ -339,14 +399,23 @@ class GaussianBlur(Degradation):
     """
 
     type_name = "gaussian_blur"
+    Params = GaussianBlurParams
+    required = ("sigma",)
+    widget_prefix = "blur_"
 
     def __init__(self, kernel_size: int, sigma: float):
-        super().__init__()
-        self.kernel_size = int(kernel_size)
-        self.sigma = float(sigma)
+        super().__init__(kernel_size=kernel_size, sigma=sigma)
 
-    def _params(self) -> dict[str, Any]:
-        return {"kernel_size": self.kernel_size, "sigma": self.sigma}
+    @classmethod
+    def complete_spec(cls, fields: dict[str, Any]) -> dict[str, Any]:
+        if "kernel_size" in fields:
+            return fields
+        sigma_spec = next(s for s in cls.field_specs() if s.name == "sigma")
+        try:
+            sigma = sigma_spec.check(fields["sigma"], cls.owner())
+        except SettingError as e:
+            raise SpecFieldError(e.field, str(e)) from None
+        return {**fields, "kernel_size": min(2 * math.ceil(10 * sigma) + 1, MAX_KERNEL_SIZE)}
 
     @property
     def name(self) -> str:
@@ -366,6 +435,12 @@ class GaussianBlur(Degradation):
         return _separable_blur(z, kernel)
 
 
+@dataclass(frozen=True)
+class SuperResolutionParams(Settings):
+    OWNER: ClassVar[str] = "degradation 'super_resolution'"
+    factor: int = setting(4, min=2, max=16, tooltip="downscale factor (bicubic, antialiased; paper: 4 or 8).")
+
+
 class SuperResolution(Degradation):
     """Antialiased bicubic downsampling by an integer ``factor`` (PIL-like, a = -0.5), clamped to [0, 1].
 
@@ -373,14 +448,13 @@ class SuperResolution(Degradation):
     """
 
     type_name = "super_resolution"
+    Params = SuperResolutionParams
+    required = ("factor",)
+    widget_prefix = "sr_"
     same_size = False
 
     def __init__(self, factor: int):
-        super().__init__()
-        self.factor = int(factor)
-
-    def _params(self) -> dict[str, Any]:
-        return {"factor": self.factor}
+        super().__init__(factor=factor)
 
     @property
     def name(self) -> str:
@@ -395,6 +469,9 @@ class SuperResolution(Degradation):
                 f"got {h}x{w} (HxW)"
             )
         return (*lead, h // f, w // f)
+
+    def restored_size(self, measured_size: Sequence[int]) -> tuple[int, int]:
+        return int(measured_size[-2]) * self.factor, int(measured_size[-1]) * self.factor
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         _check_image(x)
@@ -424,6 +501,8 @@ class SuperResolution(Degradation):
 class _InpaintBase(Degradation):
     """``A(x) = x * (1 - mask)``: missing pixels (mask 1) set to 0."""
 
+    is_inpainting = True
+
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         _check_image(x)
         keep = 1.0 - self.pixel_mask(x.shape, device=x.device, dtype=x.dtype)
@@ -443,17 +522,28 @@ class _InpaintBase(Degradation):
         return z * (1.0 - lm)
 
 
+_BOX_MAX = 16384
+
+
+@dataclass(frozen=True)
+class BoxInpaintParams(Settings):
+    OWNER: ClassVar[str] = "degradation 'box_inpaint'"
+    top: int = setting(128, min=0, max=_BOX_MAX, step=8, tooltip="top edge of the missing box in pixels.")
+    left: int = setting(128, min=0, max=_BOX_MAX, step=8, tooltip="left edge of the missing box in pixels.")
+    height: int = setting(256, min=1, max=_BOX_MAX, step=8, tooltip="height of the missing box in pixels.")
+    width: int = setting(256, min=1, max=_BOX_MAX, step=8, tooltip="width of the missing box in pixels.")
+
+
 class BoxInpaint(_InpaintBase):
     """A fixed box ``[top, top + height) x [left, left + width)`` is missing (set to 0)."""
 
     type_name = "box_inpaint"
+    Params = BoxInpaintParams
+    required = ("top", "left", "height", "width")
+    widget_prefix = "box_"
 
     def __init__(self, top: int, left: int, height: int, width: int):
-        super().__init__()
-        self.top, self.left, self.height, self.width = int(top), int(left), int(height), int(width)
-
-    def _params(self) -> dict[str, Any]:
-        return {"top": self.top, "left": self.left, "height": self.height, "width": self.width}
+        super().__init__(top=top, left=left, height=height, width=width)
 
     @property
     def name(self) -> str:
@@ -477,6 +567,16 @@ class BoxInpaint(_InpaintBase):
         return m
 
 
+@dataclass(frozen=True)
+class RandomBoxInpaintParams(Settings):
+    OWNER: ClassVar[str] = "degradation 'random_box_inpaint'"
+    size: int = setting(256, min=8, max=_BOX_MAX, step=8,
+                        tooltip="side of the square box, placed at random from the seed.")
+    seed: int = setting(0, min=0, max=2**31 - 1, tooltip="seed that places the box (same seed, same box).")
+    margin: int = setting(16, min=0, max=_BOX_MAX, widget=False,
+                          tooltip="distance of the box from the image border in pixels (paper: 16).")
+
+
 class RandomBoxInpaint(_InpaintBase):
     """A ``size x size`` box per batch element, top-left uniform in ``[margin, dim - size - margin]``.
 
@@ -486,13 +586,12 @@ class RandomBoxInpaint(_InpaintBase):
     """
 
     type_name = "random_box_inpaint"
+    Params = RandomBoxInpaintParams
+    required = ("size",)
+    widget_prefix = "random_box_"
 
     def __init__(self, size: int, seed: int = 0, margin: int = 16):
-        super().__init__()
-        self.size, self.seed, self.margin = int(size), int(seed), int(margin)
-
-    def _params(self) -> dict[str, Any]:
-        return {"size": self.size, "seed": self.seed, "margin": self.margin}
+        super().__init__(size=size, seed=seed, margin=margin)
 
     @property
     def name(self) -> str:
@@ -533,6 +632,7 @@ class MaskInpaint(_InpaintBase):
     """
 
     type_name = "mask_inpaint"
+    needs_mask = True
 
     def __init__(self, mask: torch.Tensor):
         super().__init__()
@@ -549,6 +649,12 @@ class MaskInpaint(_InpaintBase):
         return m.to(device=device if device is not None else m.device, dtype=dtype)
 
 
+@dataclass(frozen=True)
+class JPEGParams(Settings):
+    OWNER: ClassVar[str] = "degradation 'jpeg'"
+    quality: int = setting(10, min=1, max=100, tooltip="JPEG quality 1-100 (paper: 10).")
+
+
 class JPEG(Degradation):
     """Differentiable JPEG encode-decode (``kornia.enhance.jpeg_codec_differentiable``).
 
@@ -558,14 +664,13 @@ class JPEG(Degradation):
     """
 
     type_name = "jpeg"
+    Params = JPEGParams
+    required = ("quality",)
+    widget_prefix = "jpeg_"
     is_linear = False
 
     def __init__(self, quality: int):
-        super().__init__()
-        self.quality = int(quality)
-
-    def _params(self) -> dict[str, Any]:
-        return {"quality": self.quality}
+        super().__init__(quality=quality)
 
     @property
     def name(self) -> str:
@@ -591,75 +696,21 @@ class JPEG(Degradation):
 
 
 # --------------------------------------------------------------------------------------------
-# factory
+# registry and factory
 # --------------------------------------------------------------------------------------------
 
-
-def _build_gaussian_blur(spec: Mapping[str, Any]) -> Degradation:
-    _check_fields(spec, "gaussian_blur", ["sigma"], ["kernel_size"])
-    sigma = _as_positive_float(spec, "sigma")
-    if "kernel_size" in spec:
-        ks = _as_int(spec, "kernel_size", "an odd integer >= 1", minimum=1)
-        if ks % 2 == 0:
-            raise _field_error("kernel_size", "an odd integer >= 1", spec["kernel_size"])
-    else:
-        ks = 2 * math.ceil(10 * sigma) + 1
-    return GaussianBlur(ks, sigma)
-
-
-def _build_super_resolution(spec: Mapping[str, Any]) -> Degradation:
-    _check_fields(spec, "super_resolution", ["factor"], [])
-    return SuperResolution(_as_int(spec, "factor", "an integer >= 2", minimum=2))
-
-
-def _build_box_inpaint(spec: Mapping[str, Any]) -> Degradation:
-    _check_fields(spec, "box_inpaint", ["top", "left", "height", "width"], [])
-    top = _as_int(spec, "top", "an integer >= 0", minimum=0)
-    left = _as_int(spec, "left", "an integer >= 0", minimum=0)
-    height = _as_int(spec, "height", "an integer >= 1", minimum=1)
-    width = _as_int(spec, "width", "an integer >= 1", minimum=1)
-    return BoxInpaint(top, left, height, width)
-
-
-def _build_random_box_inpaint(spec: Mapping[str, Any]) -> Degradation:
-    _check_fields(spec, "random_box_inpaint", ["size"], ["seed", "margin"])
-    size = _as_int(spec, "size", "an integer >= 1", minimum=1)
-    seed = _as_int(spec, "seed", "an integer in 0..2**63-1", minimum=0, maximum=2**63 - 1) if "seed" in spec else 0
-    margin = _as_int(spec, "margin", "an integer >= 0", minimum=0) if "margin" in spec else 16
-    return RandomBoxInpaint(size, seed, margin)
-
-
-def _build_jpeg(spec: Mapping[str, Any]) -> Degradation:
-    _check_fields(spec, "jpeg", ["quality"], [])
-    return JPEG(_as_int(spec, "quality", "an integer in 1..100", minimum=1, maximum=100))
-
-
-def _build_identity(spec: Mapping[str, Any]) -> Degradation:
-    _check_fields(spec, "identity", [], [])
-    return Identity()
-
-
-_BUILDERS = {
-    "gaussian_blur": _build_gaussian_blur,
-    "super_resolution": _build_super_resolution,
-    "box_inpaint": _build_box_inpaint,
-    "random_box_inpaint": _build_random_box_inpaint,
-    "mask_inpaint": None,  # needs the caller's mask, handled in build_degradation
-    "jpeg": _build_jpeg,
-    "identity": _build_identity,
-}
+#: Every degradation type, in the order the Degradation node lists them (its ``type`` options and widgets).
+DEGRADATIONS: tuple[type[Degradation], ...] = (GaussianBlur, SuperResolution, BoxInpaint, RandomBoxInpaint,
+                                               MaskInpaint, JPEG, Identity)
+_BY_TYPE: dict[str, type[Degradation]] = {cls.type_name: cls for cls in DEGRADATIONS}
 
 #: All spec ``type`` values understood by :func:`build_degradation`.
-DEGRADATION_TYPES: tuple[str, ...] = tuple(_BUILDERS)
+DEGRADATION_TYPES: tuple[str, ...] = tuple(_BY_TYPE)
+#: The types whose measurement misses pixels (an operator trained for ``mask_inpaint`` fits all of them).
+INPAINT_TYPES: frozenset[str] = frozenset(cls.type_name for cls in DEGRADATIONS if cls.is_inpainting)
 
 
-def build_degradation(spec: Mapping[str, Any] | str, mask: torch.Tensor | None = None) -> Degradation:
-    """Build a :class:`Degradation` from a spec dict (or its JSON string).
-
-    ``mask`` (1 = missing; ``[H, W]``, ``[B, H, W]`` or ``[B, 1, H, W]``) is required by, and only
-    accepted for, ``{"type": "mask_inpaint"}``; it is not part of the spec.  Invalid specs raise
-    ``ValueError`` naming the offending field.
-    """
+def _parse_spec(spec: Mapping[str, Any] | str) -> Mapping[str, Any]:
     if isinstance(spec, str):
         try:
             spec = json.loads(spec)
@@ -667,20 +718,44 @@ def build_degradation(spec: Mapping[str, Any] | str, mask: torch.Tensor | None =
             raise ValueError(f"degradation spec is not valid JSON: {e}") from e
     if not isinstance(spec, Mapping):
         raise ValueError(f"degradation spec must be a dict with a 'type' field, got {type(spec).__name__}")
+    return spec
+
+
+def degradation_class(spec: Mapping[str, Any] | str) -> type[Degradation]:
+    """The :class:`Degradation` subclass a spec names (``SpecFieldError`` on field ``type`` otherwise)."""
+    spec = _parse_spec(spec)
     if "type" not in spec:
         raise SpecFieldError("type", f"degradation spec field 'type' is required; one of {', '.join(DEGRADATION_TYPES)}")
     kind = spec["type"]
-    if not isinstance(kind, str) or kind not in _BUILDERS:
+    if not isinstance(kind, str) or kind not in _BY_TYPE:
         raise SpecFieldError("type", f"degradation spec field 'type' must be one of {', '.join(DEGRADATION_TYPES)}, "
-                             f"got {kind!r}")
-    if kind == "mask_inpaint":
-        _check_fields(spec, kind, [], [])
-        if mask is None:
-            raise ValueError("degradation type 'mask_inpaint' needs a mask (1 = missing pixel); none was given")
-        return MaskInpaint(mask)
-    if mask is not None:
-        raise ValueError(f"a mask was given but degradation type '{kind}' does not use one (only 'mask_inpaint' does)")
-    return _BUILDERS[kind](spec)
+                             f"got {bounded(repr(kind), 80)}")
+    return _BY_TYPE[kind]
+
+
+def build_degradation(spec: Mapping[str, Any] | str, mask: torch.Tensor | None = None) -> Degradation:
+    """Build a :class:`Degradation` from a spec dict (or its JSON string).
+
+    ``mask`` (1 = missing; ``[H, W]``, ``[B, H, W]`` or ``[B, 1, H, W]``) is required by, and only
+    accepted for, ``{"type": "mask_inpaint"}``; it is not part of the spec.  Invalid specs raise
+    :class:`SpecFieldError` (a ``ValueError``) naming the offending field.
+    """
+    spec = _parse_spec(spec)
+    return degradation_class(spec).from_spec(spec, mask=mask)
+
+
+def normalise_spec(spec: Mapping[str, Any] | str) -> dict[str, Any]:
+    """The spec with every default filled in (as :attr:`Degradation.spec`), without building a module or needing
+    a mask; an invalid spec is returned as it is (a plain dict)."""
+    spec = _parse_spec(spec)
+    try:
+        cls = degradation_class(spec)
+        if cls.needs_mask:
+            return {"type": cls.type_name}
+        fields = cls.complete_spec({k: v for k, v in spec.items() if k != "type"})
+        return {"type": cls.type_name, **cls.Params(**fields).as_dict()}
+    except (ValueError, TypeError):
+        return dict(spec)
 
 
 # --------------------------------------------------------------------------------------------
@@ -716,37 +791,58 @@ def add_noise(y: torch.Tensor, sigma: float, seed: int | None = None,
 
 
 def describe_spec(spec: Mapping[str, Any] | str) -> str:
-    """A readable name for a spec, without building it (so a ``mask_inpaint`` spec needs no mask)."""
-    if isinstance(spec, str):
-        spec = json.loads(spec)
+    """A readable name for a spec, without building it (so a ``mask_inpaint`` spec needs no mask); bounded in
+    length (specs come from files)."""
+    try:
+        spec = _parse_spec(spec)
+    except ValueError:
+        return "unknown degradation"
     if spec.get("type") == "mask_inpaint":
         return "Mask inpainting (mask given with the measurement)"
     try:
         return build_degradation(spec).name
-    except ValueError:
-        return str(spec.get("type", "unknown"))
+    except (ValueError, TypeError):
+        return bounded(spec.get("type", "unknown"), 80)
 
 
-INPAINT_TYPES = frozenset({"box_inpaint", "random_box_inpaint", "mask_inpaint"})
+class SpecMismatch(NamedTuple):
+    """Why an operator trained for one degradation does not fit a measurement (see :func:`spec_mismatch`).
+
+    ``level`` is ``"error"`` when the kind differs (never usable: a blur operator cannot explain a low-resolution
+    photo) and ``"warning"`` when only parameters differ (σ=3 operator, σ=2 photo; ×4 operator, ×8 photo): such a
+    pair is refused by default too, but a front end may let the user proceed (``overridable``). ``fields`` names
+    the differing spec fields (``("type",)`` for a kind mismatch). ``why`` is a sentence, bounded in length.
+    """
+
+    level: str
+    why: str
+    fields: tuple[str, ...] = ()
+
+    @property
+    def overridable(self) -> bool:
+        return self.level == "warning"
 
 
-def spec_mismatch(operator_spec: Mapping[str, Any], measurement_spec: Mapping[str, Any]) -> tuple[str, str] | None:
+def spec_mismatch(operator_spec: Mapping[str, Any], measurement_spec: Mapping[str, Any]) -> SpecMismatch | None:
     """Does an operator trained for ``operator_spec`` emulate the degradation of a measurement?
 
-    Returns None when it does, ``("error", why)`` when the kind differs (a blur operator cannot explain a
-    low-resolution photo), ``("warning", why)`` when only parameters differ (σ=3 operator, σ=2 photo). An operator
-    trained for ``mask_inpaint`` takes the mask as input and so fits every inpainting measurement.
+    Returns None when it does, else a :class:`SpecMismatch` (a named tuple, so ``m[0]`` is the level and ``m[1]``
+    the sentence as before). Both specs are compared with their defaults filled in (``{"sigma": 3}`` equals
+    ``{"kernel_size": 61, "sigma": 3.0}``). An operator trained for ``mask_inpaint`` takes the mask as input and so
+    fits every inpainting measurement.
     """
-    a, b = dict(operator_spec), dict(measurement_spec)
+    a, b = normalise_spec(dict(operator_spec)), normalise_spec(dict(measurement_spec))
     if a.get("type") == "mask_inpaint" and b.get("type") in INPAINT_TYPES:
         return None
     if a.get("type") != b.get("type"):
-        return ("error", f"the operator emulates {describe_spec(a)} but the measurement was made with "
-                         f"{describe_spec(b)}")
+        return SpecMismatch("error", f"the operator emulates {describe_spec(a)} but the measurement was made with "
+                                     f"{describe_spec(b)}", ("type",))
     if b.get("type") == "mask_inpaint":
         return None
-    diff = sorted(k for k in set(a) | set(b) if k != "type" and a.get(k) != b.get(k))
+    diff = tuple(sorted(str(k) for k in set(a) | set(b) if k != "type" and a.get(k) != b.get(k)))
     if diff:
-        return ("warning", f"the operator was trained for {json.dumps(a)} but the measurement uses "
-                           f"{json.dumps(b)} (different {', '.join(diff)})")
+        shown = ", ".join(f"{bounded(k, 40)} {bounded(repr(a.get(k)), 40)} vs {bounded(repr(b.get(k)), 40)}"
+                          for k in diff[:6])
+        return SpecMismatch("warning", f"the operator was trained for {describe_spec(a)} but the measurement was "
+                                       f"made with {describe_spec(b)} (operator vs measurement: {shown})", diff)
     return None

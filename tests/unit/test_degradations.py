@@ -326,7 +326,7 @@ def test_bad_specs_raise_naming_field(spec, field):
 
 
 def test_bad_spec_message_is_helpful():
-    with pytest.raises(ValueError, match=r"field 'sigma' must be a positive number, got -1"):
+    with pytest.raises(ValueError, match=r"degradation 'gaussian_blur' setting 'sigma' must be at least 0.1, got -1"):
         build_degradation({"type": "gaussian_blur", "kernel_size": 61, "sigma": -1})
     with pytest.raises(ValueError, match="not valid JSON"):
         build_degradation("{oops")
@@ -413,10 +413,94 @@ def test_spec_mismatch_tells_wrong_kind_from_other_parameters():
 
     blur3 = {"type": "gaussian_blur", "kernel_size": 61, "sigma": 3.0}
     assert spec_mismatch(blur3, dict(blur3)) is None
-    level, why = spec_mismatch(blur3, {"type": "super_resolution", "factor": 4})
-    assert level == "error" and "Gaussian blur" in why and "Super-resolution ×4" in why
-    level, why = spec_mismatch(blur3, dict(blur3, sigma=2.0))
-    assert level == "warning" and why.endswith("(different sigma)")
+    assert spec_mismatch({"type": "gaussian_blur", "sigma": 3}, blur3) is None, "defaults are filled in first"
+    level, why, fields = spec_mismatch(blur3, {"type": "super_resolution", "factor": 4})
+    assert level == "error" and "Gaussian blur" in why and "Super-resolution ×4" in why and fields == ("type",)
+    assert not spec_mismatch(blur3, {"type": "super_resolution", "factor": 4}).overridable
+    # a 61/σ3 blur operator on a 9/σ2 photo: refused by default (overridable), both parameters named
+    m = spec_mismatch(blur3, {"type": "gaussian_blur", "kernel_size": 9, "sigma": 2.0})
+    assert m.level == "warning" and m.overridable and m.fields == ("kernel_size", "sigma")
+    assert "kernel_size 61 vs 9" in m.why and "sigma 3.0 vs 2.0" in m.why
+    # an x4 operator on an x8 photo
+    m = spec_mismatch({"type": "super_resolution", "factor": 4}, {"type": "super_resolution", "factor": 8})
+    assert m.overridable and m.fields == ("factor",) and "×4" in m.why and "×8" in m.why
+    assert m[0] == "warning" and m[1] == m.why, "indexing keeps working for callers of the old tuple"
     box = {"type": "box_inpaint", "top": 0, "left": 0, "height": 8, "width": 8}
     assert spec_mismatch({"type": "mask_inpaint"}, box) is None, "a mask operator takes any inpainting mask"
     assert spec_mismatch(box, {"type": "mask_inpaint"})[0] == "error"
+
+
+def test_spec_mismatch_and_describe_spec_bound_strings_from_files():
+    from comfyui_silo.operators import describe_spec, spec_mismatch
+
+    huge = "x" * 5_000_000
+    m = spec_mismatch({"type": huge}, {"type": "jpeg", "quality": 10})
+    assert m.level == "error" and len(m.why) < 1000
+    m = spec_mismatch({"type": "jpeg", "quality": huge}, {"type": "jpeg", "quality": 10})
+    assert m.overridable and len(m.why) < 1000
+    m = spec_mismatch({"type": "jpeg", "quality": 10, huge: 1}, {"type": "jpeg", "quality": 10})
+    assert m is not None and len(m.why) < 1000
+    assert len(describe_spec({"type": huge})) < 200
+
+
+# ------------------------------------------------------------------------------------------
+# one declaration per type, properties instead of type strings
+# ------------------------------------------------------------------------------------------
+
+
+def test_registry_derives_types_fields_and_inpaint_set_from_the_classes():
+    from comfyui_silo.operators.degradations import DEGRADATIONS, INPAINT_TYPES
+
+    assert DEGRADATION_TYPES == tuple(c.type_name for c in DEGRADATIONS)
+    assert INPAINT_TYPES == {"box_inpaint", "random_box_inpaint", "mask_inpaint"}
+    for cls in DEGRADATIONS:
+        names = [s.name for s in cls.field_specs()]
+        assert set(cls.required) <= set(names), cls
+        if cls.needs_mask:
+            continue
+        # a spec with the declared defaults builds, and its normalised spec lists exactly the declared fields
+        spec = {"type": cls.type_name, **{s.name: s.default for s in cls.field_specs()}}
+        assert list(build_degradation(spec).spec) == ["type", *names]
+    blur = next(c for c in DEGRADATIONS if c.type_name == "gaussian_blur")
+    ks = {s.name: s for s in blur.field_specs()}["kernel_size"]
+    assert (ks.default, ks.min, ks.max, ks.step) == (61, 1, 255, 2)
+
+
+def test_properties_replace_type_strings():
+    from comfyui_silo.operators.physics import DegradationLike
+
+    x_shape = (1, 3, 64, 64)
+    for spec, linear, same, inpaint in (
+        ({"type": "gaussian_blur", "sigma": 1.0}, True, True, False),
+        ({"type": "super_resolution", "factor": 4}, True, False, False),
+        ({"type": "box_inpaint", "top": 0, "left": 0, "height": 8, "width": 8}, True, True, True),
+        ({"type": "random_box_inpaint", "size": 8}, True, True, True),
+        ({"type": "jpeg", "quality": 50}, False, True, False),
+        ({"type": "identity"}, True, True, False),
+    ):
+        op = build_degradation(spec)
+        assert isinstance(op, DegradationLike)
+        assert (op.is_linear, op.same_size, op.is_inpainting, op.needs_mask) == (linear, same, inpaint, False), spec
+        assert (op.pixel_mask(x_shape) is not None) == inpaint
+        assert op.restored_size(op.measurement_shape(x_shape)[-2:]) == (64, 64)
+        x = _rand(*x_shape, dtype=torch.float32)
+        assert torch.equal(op.A(x), op(x))
+    mask_op = build_degradation({"type": "mask_inpaint"}, mask=torch.ones(8, 8))
+    assert mask_op.needs_mask and mask_op.is_inpainting and isinstance(mask_op, DegradationLike)
+
+
+def test_blur_default_kernel_is_capped_at_the_declared_maximum():
+    assert build_degradation({"type": "gaussian_blur", "sigma": 2}).kernel_size == 41
+    assert build_degradation({"type": "gaussian_blur", "sigma": 20}).kernel_size == 255
+    with pytest.raises(SpecFieldError, match="at most 255"):
+        build_degradation({"type": "gaussian_blur", "kernel_size": 257, "sigma": 20})
+    with pytest.raises(SpecFieldError, match="'sigma'"):
+        build_degradation({"type": "gaussian_blur", "sigma": "wide"})
+
+
+def test_mask_batch_advice_reads_well():
+    op = build_degradation({"type": "mask_inpaint"}, mask=torch.ones(2, 8, 8))
+    with pytest.raises(ValueError, match="batch size 2 but the image batch is 1; use a single mask"):
+        op(torch.rand(1, 3, 8, 8))
+    with pytest.raises(ValueError, match="mask contains NaN"):
+        build_degradation({"type": "mask_inpaint"}, mask=torch.full((8, 8), float("nan")))
