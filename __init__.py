@@ -5,7 +5,8 @@ Plain Python can ``import comfyui_silo.operators`` / ``comfyui_silo.samplers`` w
 nothing at import time here touches the host.
 """
 
-__version__ = "0.1.0"
+from .config.version import __version__  # noqa: F401  (one definition: config/version.py)
+
 WEB_DIRECTORY = "./web"
 
 

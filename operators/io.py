@@ -7,13 +7,20 @@ Metadata keys (all strings; the JSON ones are JSON-encoded objects):
 ``architecture``    JSON ``{"class": "LatentOperator", "config": {...}}``; ``class`` is a key of :data:`ARCHITECTURES`
 ``degradation``     JSON spec of the degradation the operator emulates (free-form dict, written by the trainer)
 ``latent_format``   JSON ``{"name": "SD15", "latent_channels": 4, "scale_factor": 0.18215, "shift_factor": 0.0,
-                    "downscale": 8}``: which VAE latent space the operator lives in
+                    "downscale": 8}``: which VAE latent space the operator lives in; ``name`` is the model family
+                    (SD15, SDXL, SD3, Flux, …; inferred from the numbers when a writer gives none)
 ``training``        JSON free-form dict (steps, images, final losses, held-out metrics, date, …)
 ``created_by``      ``"comfyui-silo <version>"``
 
 Tensors are the module's ``state_dict`` (contiguous, in the module's dtype: float32 for trained operators).
 Loading never unpickles anything; ``.pt/.pth/.ckpt/.bin`` files are refused with a pointer to
-:func:`.reference.import_reference_operator`.
+:func:`.reference.import_reference_operator`. A file is checked from its header before anything is allocated
+(:mod:`.files`): the architecture in its metadata is instantiated on the ``meta`` device to get the expected
+tensor names and shapes, its size is held to :data:`MAX_OPERATOR_PARAMETERS`, and every header entry must match.
+Strings from a file are bounded wherever they are quoted (:func:`.text.bounded`).
+
+Layering: :mod:`.files` (format, no architectures) ← :mod:`.reference` (the paper's CNN and its import) ←
+:mod:`.io` (the architecture registry, loading); no module imports one that imports it.
 """
 
 from __future__ import annotations
@@ -21,31 +28,42 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
 
+from ..config.version import __version__ as _VERSION
+from .files import (
+    DAMAGED,
+    FORMAT,
+    FORMAT_VERSION,
+    MAX_OPERATOR_PARAMETERS,
+    check_tensor_table,
+    file_label,
+    latent_family,
+    read_header,
+    write_operator,
+)
 from .network import LatentOperator
 from .reference import SiloReferenceCNN
+from .text import bounded
 
 __all__ = [
     "ARCHITECTURES",
     "FORMAT",
     "FORMAT_VERSION",
+    "MAX_OPERATOR_PARAMETERS",
     "LoadedOperator",
+    "expected_state_shapes",
     "latent_format_compatible",
     "load_operator",
     "read_operator_metadata",
     "save_operator",
 ]
-
-FORMAT = "comfyui-silo.latent-operator"
-FORMAT_VERSION = 1
 
 #: Architecture classes an operator file may name; ``class(**config)`` must rebuild the module.
 ARCHITECTURES: dict[str, type[nn.Module]] = {
@@ -54,68 +72,23 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {
 }
 
 _PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl")
-_MAX_HEADER_BYTES = 100 * 1024 * 1024
 _JSON_KEYS = ("architecture", "degradation", "latent_format", "training")
 _HOW_TO_MAKE = "Operators are made with the Train Latent Operator node or `python -m comfyui_silo train-operator`"
 
-try:
-    from .. import __version__ as _VERSION
-except ImportError:  # pragma: no cover - only when the package is vendored oddly
-    _VERSION = "unknown"
-
 
 # ---------------------------------------------------------------------- helpers
-def _name(path: Path) -> str:
-    return path.name or str(path)
-
-
-def _to_json(value, what: str) -> str:
-    try:
-        return json.dumps(value, allow_nan=False, ensure_ascii=False)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{what} must be JSON-serialisable (plain dict of str/number/bool/list): {exc}") from exc
-
-
 def _refuse_pickle(path: Path) -> None:
     if path.suffix.lower() in _PICKLE_SUFFIXES:
         raise ValueError(
-            f"{_name(path)} is a PyTorch pickle file ({path.suffix}); comfyui-silo only loads .safetensors latent "
-            "operators and never unpickles files. If it is one of the SILO paper's CNN operators, convert it once "
-            "with `comfyui_silo.operators.import_reference_operator(pt_path, out_path, degradation=..., "
-            "latent_format=...)` and load the resulting .safetensors file."
+            f"{file_label(path)} is a PyTorch pickle file ({bounded(path.suffix, 20)}); comfyui-silo only loads "
+            ".safetensors latent operators and never unpickles files. If it is one of the SILO paper's CNN operators, "
+            "convert it once with `comfyui_silo.operators.import_reference_operator(pt_path, out_path, "
+            "degradation=..., latent_format=...)` and load the resulting .safetensors file."
         )
 
 
-def _read_header(path: Path) -> dict:
-    """Parse the JSON header of a safetensors file (no tensor data is read)."""
-    not_st = (
-        f"{_name(path)} is not a safetensors file ({{why}}). Latent operators are .safetensors files; {_HOW_TO_MAKE}."
-    )
-    if not path.is_file():
-        raise FileNotFoundError(f"operator file not found: {path}")
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise ValueError(not_st.format(why="file too short"))
-        n = int.from_bytes(head, "little")
-        if n < 2 or n > min(_MAX_HEADER_BYTES, size - 8):
-            raise ValueError(not_st.format(why="invalid header length"))
-        raw = f.read(n)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise ValueError(not_st.format(why="header is not JSON")) from None
-    if not isinstance(header, dict):
-        raise ValueError(not_st.format(why="header is not a JSON object"))
-    meta = header.get("__metadata__") or {}
-    if not isinstance(meta, dict):
-        raise ValueError(not_st.format(why="bad __metadata__"))
-    return header
-
-
 def _what_is_it(tensor_keys: list[str]) -> str:
-    keys = " ".join(tensor_keys[:2000]).lower()
+    keys = " ".join(k[:200] for k in tensor_keys[:2000]).lower()
     if "lora" in keys or ".alpha" in keys:
         return " It looks like a LoRA (those belong in models/loras)."
     if "model.diffusion_model." in keys or "first_stage_model." in keys:
@@ -126,58 +99,89 @@ def _what_is_it(tensor_keys: list[str]) -> str:
 
 
 def _validate_metadata(path: Path, header: dict) -> dict:
-    """Check the comfyui-silo metadata of a parsed header and return it decoded."""
+    """Check the comfyui-silo metadata of a parsed header and return it decoded.
+
+    Only a file from a newer format version is told to update comfyui-silo; anything malformed (bad JSON, unknown
+    architecture in a version this pack reads, a config the architecture rejects) is called damaged.
+    """
     meta = header.get("__metadata__") or {}
-    name = _name(path)
+    name = file_label(path)
     fmt = meta.get("format")
     if fmt is None:
-        tensor_keys = [k for k in header if k != "__metadata__"]
+        tensor_keys = [k for k in header if k not in ("__metadata__", "__data_bytes__")]
         raise ValueError(
             f"{name} is not a comfyui-silo latent operator (no 'format' metadata).{_what_is_it(tensor_keys)} "
             f"{_HOW_TO_MAKE}; checkpoints belong in models/checkpoints."
         )
     if fmt != FORMAT:
         raise ValueError(
-            f"{name} is not a comfyui-silo latent operator (its 'format' metadata is {fmt!r}, expected {FORMAT!r}). "
-            f"{_HOW_TO_MAKE}; checkpoints belong in models/checkpoints."
+            f"{name} is not a comfyui-silo latent operator (its 'format' metadata is {bounded(repr(fmt), 80)}, "
+            f"expected {FORMAT!r}). {_HOW_TO_MAKE}; checkpoints belong in models/checkpoints."
         )
     raw_version = meta.get("format_version")
     try:
-        version = int(str(raw_version))
+        version = int(str(raw_version)[:20])
     except ValueError:
-        raise ValueError(f"{name}: invalid format_version {raw_version!r} in its metadata (corrupt file?)") from None
+        raise ValueError(f"{name}: invalid format_version {bounded(repr(raw_version), 40)} in its metadata: "
+                         f"{DAMAGED}.") from None
     if version > FORMAT_VERSION:
         raise ValueError(
             f"{name} uses latent-operator format version {version}, but this comfyui-silo ({_VERSION}) supports up "
             f"to version {FORMAT_VERSION}. Update comfyui-silo to load it."
         )
     if version < 1:
-        raise ValueError(f"{name}: invalid format_version {version} in its metadata (corrupt file?)")
-    decoded: dict = {"format": fmt, "format_version": version, "created_by": meta.get("created_by", "")}
+        raise ValueError(f"{name}: invalid format_version {version} in its metadata: {DAMAGED}.")
+    decoded: dict = {"format": fmt, "format_version": version, "created_by": bounded(meta.get("created_by", ""))}
     for key in _JSON_KEYS:
         raw = meta.get(key)
         if raw is None:
             if key == "training":
                 decoded[key] = {}
                 continue
-            raise ValueError(f"{name} is missing the {key!r} metadata (corrupt or hand-made operator file)")
+            raise ValueError(f"{name} is missing the {key!r} metadata: {DAMAGED}.")
         try:
             value = json.loads(raw)
-        except json.JSONDecodeError:
-            raise ValueError(f"{name}: the {key!r} metadata is not valid JSON (corrupt file?)") from None
+        except (json.JSONDecodeError, RecursionError):
+            raise ValueError(f"{name}: the {key!r} metadata is not valid JSON: {DAMAGED}.") from None
         if not isinstance(value, dict):
-            raise ValueError(f"{name}: the {key!r} metadata must be a JSON object")
+            raise ValueError(f"{name}: the {key!r} metadata must be a JSON object: {DAMAGED}.")
         decoded[key] = value
     arch = decoded["architecture"]
     cls_name = arch.get("class")
-    if cls_name not in ARCHITECTURES:
+    if not isinstance(cls_name, str) or cls_name not in ARCHITECTURES:
         raise ValueError(
-            f"{name} uses operator architecture {cls_name!r}, which this comfyui-silo ({_VERSION}) does not know "
-            f"(known: {', '.join(sorted(ARCHITECTURES))}). Update comfyui-silo to load it."
+            f"{name} names operator architecture {bounded(repr(cls_name), 80)}, which this comfyui-silo "
+            f"({_VERSION}) does not know (known: {', '.join(sorted(ARCHITECTURES))}): {DAMAGED}."
         )
     if not isinstance(arch.get("config", {}), dict):
-        raise ValueError(f"{name}: architecture config must be a JSON object")
+        raise ValueError(f"{name}: its architecture config must be a JSON object: {DAMAGED}.")
     return decoded
+
+
+def expected_state_shapes(architecture: Mapping, label: str = "the operator") -> dict[str, tuple[int, ...]]:
+    """State-dict names and shapes of an architecture (``{"class", "config"}``), computed on the ``meta`` device:
+    no memory is allocated however large the config says the network is."""
+    cls = ARCHITECTURES[architecture["class"]]
+    try:
+        with torch.device("meta"):
+            module = cls(**architecture.get("config", {}))
+    except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
+        raise ValueError(
+            f"{label}: cannot build {architecture['class']} from the config in its metadata "
+            f"({bounded(str(exc), 200)}): {DAMAGED}."
+        ) from None
+    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+def _checked_header(path: Path) -> tuple[dict, dict, torch.dtype]:
+    """(header, decoded metadata, stored dtype), every check that needs no tensor data done."""
+    _refuse_pickle(path)
+    header = read_header(path)
+    info = _validate_metadata(path, header)
+    expected = expected_state_shapes(info["architecture"], file_label(path))
+    dtype = check_tensor_table(path, header, expected, info["architecture"]["class"])
+    info["num_parameters"] = sum(math.prod(s) for s in expected.values())
+    return header, info, dtype
 
 
 # ---------------------------------------------------------------------- public API
@@ -202,7 +206,12 @@ class LoadedOperator:
 
     @property
     def name(self) -> str:
-        return Path(self.path).stem if self.path else self.architecture.get("class", "operator")
+        return bounded(Path(self.path).stem, 120) if self.path else str(self.architecture.get("class", "operator"))
+
+    @property
+    def family(self) -> str:
+        """The model family whose latent space the operator lives in (its latent format's name)."""
+        return latent_family(self.latent_format)
 
     @property
     def use_mask(self) -> bool:
@@ -223,21 +232,14 @@ class LoadedOperator:
 
 
 def read_operator_metadata(path: str | os.PathLike) -> dict:
-    """Read and validate an operator file's metadata without loading its tensors (for UI listings).
+    """Read and validate an operator file's metadata and tensor table without loading its tensors (UI listings).
 
     Returns ``{"format", "format_version", "created_by", "architecture", "degradation", "latent_format",
     "training", "num_parameters", "path"}`` (JSON fields decoded). Raises ``ValueError`` like :func:`load_operator`
-    for files that are not (loadable) comfyui-silo operators.
+    for files that are not (loadable) comfyui-silo operators, including weights that do not fit the architecture.
     """
     path = Path(path)
-    _refuse_pickle(path)
-    header = _read_header(path)
-    info = _validate_metadata(path, header)
-    n = 0
-    for key, entry in header.items():
-        if key != "__metadata__" and isinstance(entry, dict):
-            n += math.prod(int(d) for d in entry.get("shape", []))
-    info["num_parameters"] = n
+    _, info, _ = _checked_header(path)
     info["path"] = str(path)
     return info
 
@@ -252,54 +254,15 @@ def save_operator(
 ) -> Path:
     """Write ``operator`` (a :data:`ARCHITECTURES` class with a ``config`` property) to ``path`` (``.safetensors``).
 
-    The file is written to a temporary name in the same folder and renamed, so readers never see a partial file.
-    Returns the path.
+    The file is written to a temporary name in the same folder and renamed, so readers never see a partial file;
+    the latent format's family is stored as its ``name``. Returns the path.
     """
-    path = Path(path)
-    if path.suffix.lower() != ".safetensors":
-        raise ValueError(f"operator files must end in .safetensors, got {_name(path)}")
     cls_name = type(operator).__name__
     if ARCHITECTURES.get(cls_name) is not type(operator):
         raise ValueError(
             f"cannot save a {cls_name}: operator files support the architectures {', '.join(sorted(ARCHITECTURES))}"
         )
-    if not isinstance(degradation, Mapping):
-        raise ValueError("degradation must be a dict describing the degradation")
-    if not isinstance(latent_format, Mapping):
-        raise ValueError("latent_format must be a dict like {'name': 'SD15', 'latent_channels': 4, ...}")
-    for key in ("latent_channels", "scale_factor"):
-        if key not in latent_format:
-            raise ValueError(f"latent_format needs {key!r} (got keys {sorted(latent_format)})")
-    channels = getattr(operator, "latent_channels", None)
-    if channels is not None and int(latent_format["latent_channels"]) != int(channels):
-        raise ValueError(
-            f"latent_format says {latent_format['latent_channels']} latent channels but the operator has {channels}"
-        )
-    if training is not None and not isinstance(training, Mapping):
-        raise ValueError("training must be a dict (or None)")
-
-    metadata = {
-        "format": FORMAT,
-        "format_version": str(FORMAT_VERSION),
-        "architecture": _to_json({"class": cls_name, "config": dict(operator.config)}, "architecture config"),
-        "degradation": _to_json(dict(degradation), "degradation"),
-        "latent_format": _to_json(dict(latent_format), "latent_format"),
-        "training": _to_json(dict(training or {}), "training"),
-        "created_by": f"comfyui-silo {_VERSION}",
-    }
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in operator.state_dict().items()}
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return write_operator(path, operator, degradation=degradation, latent_format=latent_format, training=training)
 
 
 def load_operator(
@@ -307,55 +270,40 @@ def load_operator(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
 ) -> LoadedOperator:
-    """Load an operator file strictly (every tensor must match the architecture) into eval mode, frozen.
+    """Load an operator file strictly into eval mode, frozen.
 
-    ``dtype=None`` keeps the stored dtype. Raises ``ValueError`` with an explanation for pickle files, files that are
-    not safetensors, safetensors files that are not comfyui-silo operators (checkpoints, LoRAs, …), files from a
-    newer format version or with an unknown architecture, and weight/architecture mismatches.
+    Everything that can be checked from the header is checked before any tensor is read or module built (format,
+    version, architecture, each tensor's name, dtype, shape and byte range, and the size against
+    :data:`MAX_OPERATOR_PARAMETERS`); the module is built on the ``meta`` device and takes the file's tensors
+    (no second copy); weights holding NaN or inf are refused. ``dtype=None`` keeps the stored dtype. Raises
+    ``ValueError`` with an explanation for pickle files, files that are not safetensors, safetensors files that are
+    not comfyui-silo operators (checkpoints, LoRAs, …), files from a newer format version, damaged files and
+    weight/architecture mismatches.
     """
     path = Path(path)
-    _refuse_pickle(path)
-    header = _read_header(path)
-    info = _validate_metadata(path, header)
-    name = _name(path)
+    _, info, stored = _checked_header(path)
+    name = file_label(path)
     arch = info["architecture"]
-    cls = ARCHITECTURES[arch["class"]]
+    state = {}
     try:
-        module = cls(**arch.get("config", {}))
-    except (TypeError, ValueError) as exc:
-        raise ValueError(
-            f"{name}: cannot build {arch['class']} from the stored config ({exc}); the file may come from a newer "
-            "comfyui-silo. Update comfyui-silo."
-        ) from exc
-
-    try:
-        state = load_file(str(path), device="cpu")
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                tensor = f.get_tensor(key)
+                if not bool(torch.isfinite(tensor).all()):
+                    bad = int((~torch.isfinite(tensor)).sum())
+                    raise ValueError(
+                        f"{name}: its weight {bounded(key, 80)!r} holds {bad} NaN or infinite value(s) of "
+                        f"{tensor.numel()}; an operator like this would turn every restoration black. {DAMAGED} "
+                        "(or its training diverged): retrain it or use another file.")
+                state[key] = tensor
+    except ValueError:
+        raise
     except Exception as exc:  # safetensors raises its own error types for truncated data
-        raise ValueError(f"{name}: could not read its tensors ({exc}); the file is probably truncated") from exc
-    expected = module.state_dict()
-    missing = sorted(k for k in expected if k not in state)
-    unexpected = sorted(k for k in state if k not in expected)
-    wrong = sorted(
-        f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})"
-        for k, v in expected.items()
-        if k in state and tuple(state[k].shape) != tuple(v.shape)
-    )
-    if missing or unexpected or wrong:
-        parts = []
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
-            if keys:
-                parts.append(
-                    f"{label}: " + ", ".join(keys[:10]) + (f", … ({len(keys) - 10} more)" if len(keys) > 10 else "")
-                )
-        raise ValueError(
-            f"{name}: its weights do not match its {arch['class']} architecture (corrupt or edited file): "
-            + "; ".join(parts)
-        )
-
-    stored = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
-    module.to(dtype=dtype or stored)
-    module.load_state_dict(state, strict=True)
-    module.to(device=device)
+        raise ValueError(f"{name}: could not read its tensors ({bounded(str(exc), 200)}): {DAMAGED}.") from None
+    with torch.device("meta"):
+        module = ARCHITECTURES[arch["class"]](**arch.get("config", {}))
+    module.load_state_dict(state, strict=True, assign=True)
+    module.to(device=device, dtype=dtype or stored)
     module.eval()
     module.requires_grad_(False)
     return LoadedOperator(
@@ -371,24 +319,30 @@ def load_operator(
 
 
 def _describe_format(fmt: Mapping) -> str:
-    name = fmt.get("name") or "unnamed"
     return (
-        f"{name} ({fmt.get('latent_channels', '?')} channels, scale_factor {fmt.get('scale_factor', '?')}, "
-        f"shift_factor {fmt.get('shift_factor', 0.0)})"
+        f"{latent_family(fmt)} ({bounded(fmt.get('latent_channels', '?'), 20)} channels, scale_factor "
+        f"{bounded(fmt.get('scale_factor', '?'), 20)}, shift_factor {bounded(fmt.get('shift_factor', 0.0), 20)})"
     )
 
 
 def latent_format_compatible(a: Mapping, b: Mapping, tol: float = 1e-6) -> tuple[bool, str]:
-    """Whether two latent formats describe the same latent space (channels, scale and shift factors).
+    """Whether two latent formats describe the same latent space: channels, scale factor AND shift factor.
 
-    Returns ``(True, "")`` or ``(False, reason)`` where ``reason`` is a sentence for the user. Missing
-    ``shift_factor`` counts as 0; a missing ``latent_channels`` or ``scale_factor`` makes the formats incompatible.
+    Returns ``(True, "")`` or ``(False, reason)`` where ``reason`` is a sentence for the user naming both families
+    (SD15, SDXL, SD3, Flux, …) and what differs. Missing ``shift_factor`` counts as 0; a missing or non-numeric
+    ``latent_channels`` or ``scale_factor`` makes the formats incompatible. Names alone never decide: two formats
+    with the same numbers are the same space.
     """
     problems = []
     for key in ("latent_channels", "scale_factor"):
         for label, fmt in (("first", a), ("second", b)):
-            if fmt.get(key) is None:
-                problems.append(f"the {label} latent format has no {key!r}")
+            value = fmt.get(key)
+            if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+                problems.append(f"the {label} latent format has no numeric {key!r}")
+    for label, fmt in (("first", a), ("second", b)):
+        shift = fmt.get("shift_factor")
+        if shift is not None and (isinstance(shift, bool) or not isinstance(shift, (int, float))):
+            problems.append(f"the {label} latent format's 'shift_factor' is not a number")
     if problems:
         return False, "; ".join(problems)
     if int(a["latent_channels"]) != int(b["latent_channels"]):

@@ -45,6 +45,7 @@ __all__ = [
 ]
 
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+_MAX_LEVELS, _MAX_BLOCKS, _MAX_DILATION, _MAX_GROUPS = 8, 16, 64, 256
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
@@ -215,6 +216,13 @@ class LatentOperator(nn.Module):
             raise ValueError("sigma_embed_dim ≥ 2, cond_dim ≥ 1 and sigma_max > 0 are required")
         if padding_mode not in _PADDING_MODES:
             raise ValueError(f"padding_mode must be one of {_PADDING_MODES}, got {padding_mode!r}")
+        # Structural bounds (far above any useful operator): a config read from a file cannot make construction
+        # loop for long or a forward pass pad by a huge dilation. Sizes (width, channels) are bounded by the loader's
+        # parameter count instead, computed on the meta device.
+        if len(channel_mults) > _MAX_LEVELS or num_res_blocks > _MAX_BLOCKS or len(mid_dilations) > _MAX_BLOCKS:
+            raise ValueError(f"at most {_MAX_LEVELS} levels and {_MAX_BLOCKS} blocks per level / mid dilations")
+        if any(d > _MAX_DILATION for d in mid_dilations) or not 1 <= norm_groups <= _MAX_GROUPS:
+            raise ValueError(f"mid_dilations must be at most {_MAX_DILATION} and norm_groups in 1..{_MAX_GROUPS}")
 
         self._config = {
             "latent_channels": int(latent_channels),

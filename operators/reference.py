@@ -61,6 +61,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from .files import write_operator
+
 __all__ = [
     "REFERENCE_LATENT_SIZE",
     "SIGMA_TO_TIMESTEP",
@@ -348,11 +350,9 @@ def import_reference_operator(
     shape by shape against :class:`SiloReferenceCNN`; any mismatch raises a ``ValueError`` listing the missing,
     unexpected and wrongly shaped keys. ``time_embedding`` (optional) is a state dict holding the diffusion UNet's
     timestep-embedding MLP (see :func:`extract_time_embedding`), needed to use a σ-conditioned operator.
-    ``degradation`` / ``latent_format`` / ``training`` are stored as metadata (see :func:`.io.save_operator`).
+    ``degradation`` / ``latent_format`` / ``training`` are stored as metadata (see :func:`.files.write_operator`).
     Returns the output path.
     """
-    from .io import save_operator  # local import: io imports this module for its architecture registry
-
     pt_path = Path(pt_path)
     if not pt_path.is_file():
         raise FileNotFoundError(f"reference operator file not found: {pt_path}")
@@ -438,5 +438,5 @@ def import_reference_operator(
     }
     if training:
         info.update(training)
-    save_operator(out_path, module, degradation=degradation, latent_format=latent_format, training=info)
+    write_operator(out_path, module, degradation=degradation, latent_format=latent_format, training=info)
     return Path(out_path)

@@ -346,3 +346,200 @@ def test_import_rejects_other_files(tmp_path):
     junk.write_bytes(b"not a torch file")
     with pytest.raises(ValueError, match="weights-only"):
         import_reference_operator(junk, tmp_path / "x.safetensors", degradation=DEG, latent_format=SD15)
+
+
+# ---------------------------------------------------------------------- hostile and damaged files (issue 15)
+def _hostile(tmp_path, name="hostile.safetensors", tensors=None, **meta_changes):
+    """A file with valid comfyui-silo metadata (overridable) and, by default, one dummy tensor."""
+    meta = {"format": FORMAT, "format_version": "1", "created_by": "test",
+            "architecture": json.dumps({"class": "LatentOperator", "config": {"width": 48}}),
+            "degradation": json.dumps(DEG), "latent_format": json.dumps(SD15), "training": "{}"}
+    meta.update(meta_changes)
+    path = tmp_path / name
+    save_file(tensors if tensors is not None else {"stem.weight": torch.zeros(1)}, str(path), metadata=meta)
+    return path
+
+
+def _max_rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@pytest.mark.parametrize("width", [1024, 200_000])
+def test_oversized_architecture_fails_fast_without_allocating(tmp_path, width):
+    import time
+
+    path = _hostile(tmp_path, architecture=json.dumps({"class": "LatentOperator", "config": {"width": width}}))
+    before, t0 = _max_rss_mib(), time.perf_counter()
+    for fn in (load_operator, read_operator_metadata):
+        with pytest.raises(ValueError) as exc:
+            fn(path)
+        msg = str(exc.value)
+        assert "hostile.safetensors" in msg and "at most 64 M parameters" in msg and "Nothing was allocated" in msg
+        assert "damaged or not an operator file" in msg
+    assert time.perf_counter() - t0 < 5.0
+    assert _max_rss_mib() - before < 200, "the loader must not build the module the metadata describes"
+
+
+def test_small_architecture_with_wrong_tensors_is_refused_from_the_header(tmp_path):
+    path = _hostile(tmp_path, architecture=json.dumps({"class": "LatentOperator", "config": {"width": 64}}))
+    with pytest.raises(ValueError, match=r"do not match its LatentOperator architecture.*missing: .*wrong shape: "
+                                         r"stem.weight \(1,\) \(expected \(64, 4, 3, 3\)\)"):
+        read_operator_metadata(path)
+
+
+def test_structural_config_bounds_keep_meta_construction_cheap(tmp_path):
+    for config in ({"num_res_blocks": 10_000}, {"channel_mults": [1] * 100}, {"norm_groups": 10**12},
+                   {"mid_dilations": [10**9]}, {"width": "wide"}, {"no_such_argument": 1}):
+        path = _hostile(tmp_path, architecture=json.dumps({"class": "LatentOperator", "config": config}))
+        with pytest.raises(ValueError, match="cannot build LatentOperator.*damaged or not an operator file") as exc:
+            load_operator(path)
+        assert "Update comfyui-silo" not in str(exc.value)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_naming_file_and_tensor(saved, tmp_path, bad):
+    _, path = saved
+    tensors = load_file(str(path))
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    tensors["out_conv.bias"][1] = bad
+    broken = tmp_path / "diverged.safetensors"
+    save_file(tensors, str(broken), metadata=meta)
+    with pytest.raises(ValueError, match=r"diverged.safetensors: its weight 'out_conv.bias' holds 1 NaN or infinite"):
+        load_operator(broken)
+
+
+def test_header_table_checks_dtypes_and_byte_ranges(saved, tmp_path):
+    _, path = saved
+    tensors = load_file(str(path))
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    ints = dict(tensors, **{"stem.bias": tensors["stem.bias"].to(torch.int32)})
+    save_file(ints, str(tmp_path / "ints.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match="'stem.bias' is stored as I32.*float32, float16 or bfloat16"):
+        load_operator(tmp_path / "ints.safetensors")
+    mixed = dict(tensors, **{"stem.bias": tensors["stem.bias"].half()})
+    save_file(mixed, str(tmp_path / "mixed.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match="mix dtypes"):
+        load_operator(tmp_path / "mixed.safetensors")
+    data = path.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) - 100])
+    with pytest.raises(ValueError, match="truncated.*damaged or not an operator file"):
+        load_operator(tmp_path / "cut.safetensors")
+
+
+def test_huge_metadata_strings_stay_out_of_messages(tmp_path):
+    huge = "N" * 5_000_000
+    cases = [
+        {"architecture": json.dumps({"class": huge, "config": {}})},
+        {"format": huge},
+        {"format_version": huge},
+        {"architecture": json.dumps({"class": "LatentOperator", "config": {huge: 1}})},
+    ]
+    for i, change in enumerate(cases):
+        path = _hostile(tmp_path, name=f"h{i}.safetensors", **change)
+        for fn in (load_operator, read_operator_metadata):
+            with pytest.raises(ValueError) as exc:
+                fn(path)
+            assert len(str(exc.value)) < 2000, (i, len(str(exc.value)))
+    # a tensor with a 5 MB name: the mismatch listing is bounded too
+    path = _hostile(tmp_path, name="names.safetensors", tensors={huge: torch.zeros(1)})
+    with pytest.raises(ValueError) as exc:
+        load_operator(path)
+    assert len(str(exc.value)) < 3000
+    # metadata that parses: strings kept in the object are bounded where they are shown
+    ok = _hostile(tmp_path, name="ok.safetensors", created_by=huge)
+    with pytest.raises(ValueError, match="do not match"):
+        read_operator_metadata(ok)
+
+
+def test_oversized_header_is_refused_before_parsing(tmp_path):
+    path = _hostile(tmp_path, training=json.dumps({"note": "x" * (17 * 2**20)}))
+    with pytest.raises(ValueError, match="operator headers are at most 16 MiB"):
+        read_operator_metadata(path)
+
+
+def test_update_advice_only_for_newer_files(saved):
+    _, path = saved
+    for change, damaged in (({"format_version": "2"}, False), ({"format_version": "x"}, True),
+                            ({"architecture": "{not json"}, True), ({"degradation": "[1, 2]"}, True),
+                            ({"architecture": json.dumps({"class": "Future", "config": {}})}, True)):
+        _rewrite_metadata(path, **{"format_version": "1", **change})
+        with pytest.raises(ValueError) as exc:
+            load_operator(path)
+        msg = str(exc.value)
+        assert ("Update comfyui-silo" in msg) is not damaged, msg
+        assert ("damaged or not an operator file" in msg) is damaged, msg
+
+
+# ---------------------------------------------------------------------- 16-channel latents and families (issue 13)
+def test_sixteen_channel_operator_round_trip_and_family(tmp_path):
+    torch.manual_seed(3)
+    op = _randomize(LatentOperator(latent_channels=16, width=16)).eval()
+    path = save_operator(tmp_path / "blur_sd3.safetensors", op, degradation=DEG, latent_format=SD3)
+    info = read_operator_metadata(path)
+    assert info["latent_format"]["name"] == "SD3" and info["num_parameters"] == count_parameters(op)
+    loaded = load_operator(path)
+    assert loaded.family == "SD3" and loaded.module.latent_channels == 16
+    z = torch.randn(2, 16, 12, 10)
+    with torch.no_grad():
+        assert torch.equal(loaded(z, 0.02), op(z, 0.02))
+    with pytest.raises(ValueError, match="expects 16-channel latents, got 4"):
+        loaded(torch.randn(1, 4, 8, 8))
+    ok, why = latent_format_compatible(loaded.latent_format, FLUX)
+    assert not ok and "SD3 (16 channels" in why and "Flux (16 channels" in why and "shift_factor" in why
+    assert "scale_factor 1.5305 vs" not in why  # the fixture's Flux shares SD3's scale: only the shift differs
+    ok, why = latent_format_compatible(loaded.latent_format, SD15)
+    assert not ok and "16 vs 4 latent channels" in why and "SD15" in why
+    assert latent_format_compatible(loaded.latent_format, dict(SD3, name="SD3.5"))[0]
+
+
+def test_family_is_inferred_when_a_writer_gives_none(tmp_path):
+    from comfyui_silo.operators.files import latent_family
+
+    unnamed = {k: v for k, v in SDXL.items() if k != "name"}
+    path = save_operator(tmp_path / "x.safetensors", LatentOperator(width=8), degradation=DEG, latent_format=unnamed)
+    assert read_operator_metadata(path)["latent_format"]["name"] == "SDXL"
+    flux = {"latent_channels": 16, "scale_factor": 0.3611, "shift_factor": 0.1159}
+    assert latent_family(flux) == "Flux" and latent_family({"latent_channels": 3, "scale_factor": 1.0}) == "unknown"
+    ok, why = latent_format_compatible(flux, {"latent_channels": 16, "scale_factor": 1.5305, "shift_factor": 0.0609})
+    assert not ok and "Flux" in why and "SD3" in why
+    ok, why = latent_format_compatible({"latent_channels": "4", "scale_factor": 0.18215}, SD15)
+    assert not ok and "numeric 'latent_channels'" in why
+
+
+# ---------------------------------------------------------------------- file names (checked before training)
+@pytest.mark.parametrize(("name", "expected"), [
+    ("my_operator", "my_operator.safetensors"), ("ci/sr4 tiny", "ci/sr4_tiny.safetensors"),
+    ("blur.safetensors", "blur.safetensors"), ("é-blur", "_-blur.safetensors"),
+])
+def test_operator_file_names(name, expected):
+    from comfyui_silo.operators.files import operator_file_name
+
+    assert operator_file_name(name) == expected
+
+
+@pytest.mark.parametrize(("name", "why"), [
+    ("", "empty"), (".", "'.'"), ("..", "'..'"), ("a/../b", "'..'"), (".hidden", "starts with '.'"),
+    ("a" * 300, "300 characters long; at most 100"), ("/etc/x", "is a path"), ("a\\b", "is a path"),
+    ("C:evil", "is a path"), ("NUL", "reserved device name"), ("sub//x", "empty"),
+])
+def test_bad_operator_file_names_are_refused(name, why):
+    from comfyui_silo.operators.files import operator_file_name
+
+    with pytest.raises(ValueError, match=why) as exc:
+        operator_file_name(name)
+    assert len(str(exc.value)) < 400
+
+
+def test_command_line_output_paths_are_checked(tmp_path):
+    from comfyui_silo.operators.files import check_output_path
+
+    assert check_output_path(tmp_path / "sub" / "ok.safetensors") == tmp_path / "sub" / "ok.safetensors"
+    assert (tmp_path / "sub").is_dir()
+    for bad, why in ((tmp_path / "x.pt", "must end in .safetensors"), (tmp_path / ".x.safetensors", "starts with"),
+                     (tmp_path / ("a" * 300 + ".safetensors"), "at most 100")):
+        with pytest.raises(ValueError, match=why):
+            check_output_path(bad)

@@ -15,7 +15,7 @@ import tomllib
 pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parents[2]
-CORE_DIRS = ["operators", "samplers"]
+CORE_DIRS = ["operators", "samplers", "config"]
 HOST_MODULES = {"comfy", "comfy_api", "comfy_extras", "comfy_execution", "folder_paths", "nodes", "server",
                 "execution", "latent_preview", "node_helpers"}
 
@@ -77,8 +77,60 @@ def test_pyproject_is_registry_ready():
     reqs = [line.strip() for line in (ROOT / "requirements.txt").read_text().splitlines() if line.strip()]
     assert sorted(reqs) == sorted(project["dependencies"]), "requirements.txt must list the same dependencies"
     from comfyui_silo import __version__
+    from comfyui_silo.config.version import __version__ as declared
 
-    assert __version__ == project["version"]
+    assert __version__ is declared, "the package re-exports config/version.py's version"
+    assert declared == project["version"], "pyproject.toml's version must equal config/version.py's"
+    # the version is written in one place only: no other module assigns __version__
+    writers = [str(f.relative_to(ROOT)) for f in ROOT.rglob("*.py")
+               if ".venv" not in f.parts and re.search(r"^__version__\s*=", f.read_text(), re.M)]
+    assert writers == ["config/version.py"], writers
+
+
+def _relative_imports(path: Path, package_root: Path) -> set[str]:
+    """Modules of this pack that ``path`` imports (as dotted paths relative to the pack), at any depth."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    here = path.relative_to(package_root).with_suffix("").parts
+    pkg = here[:-1] if here[-1] != "__init__" else here[:-1]
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level > 0:
+            base = pkg[: len(pkg) - (node.level - 1)] if node.level > 1 else pkg
+            mod = (*base, *(node.module.split(".") if node.module else ()))
+            names = [(*mod, a.name) for a in node.names]
+            for cand in [mod, *names]:
+                if (package_root.joinpath(*cand).with_suffix(".py")).is_file():
+                    found.add(".".join(cand))
+                elif (package_root.joinpath(*cand) / "__init__.py").is_file():
+                    found.add(".".join((*cand, "__init__")))
+    return found
+
+
+@pytest.mark.parametrize("layer", [("operators", "config")])
+def test_core_modules_import_in_one_direction(layer):
+    """No import circles inside the core (operators/, config/), direct or through other modules, and the core
+    never imports a module above it (nodes/, tools/, the package __init__)."""
+    files = [f for d in layer for f in sorted((ROOT / d).glob("*.py"))]
+    graph = {".".join(f.relative_to(ROOT).with_suffix("").parts): _relative_imports(f, ROOT) for f in files}
+    for mod, deps in graph.items():
+        upward = sorted(d for d in deps if d.split(".")[0] not in layer)
+        assert not upward, f"{mod} imports {upward}, above the core"
+    edges = {m: {d for d in deps if d in graph and not d.endswith("__init__")} for m, deps in graph.items()}
+
+    def cycle_from(start):
+        stack, seen = [(start, [start])], set()
+        while stack:
+            node, path = stack.pop()
+            for nxt in edges.get(node, ()):
+                if nxt == start:
+                    return [*path, start]
+                if nxt not in seen:
+                    seen.add(nxt)
+                    stack.append((nxt, [*path, nxt]))
+        return None
+
+    cycles = [c for m in edges if (c := cycle_from(m))]
+    assert not cycles, f"import circle: {' -> '.join(cycles[0])}"
 
 
 def test_ci_runs_the_readme_test_command():
