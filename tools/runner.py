@@ -1,20 +1,25 @@
-"""Run ComfyUI headless: start a server process, queue prompts over HTTP, fetch the results.
+"""Run ComfyUI headless: start a server process, queue prompts over HTTP, follow them, fetch the results.
 
-Only the standard library talks to the server (``urllib``); the host is never imported here, it runs in its own
-process (``python main.py`` of a ComfyUI checkout, with the interpreter running this code).
+Only the standard library talks to the server (``urllib``, and a minimal websocket client for the progress messages
+the frontend also gets); the host is never imported here, it runs in its own process (``python main.py`` of a
+ComfyUI checkout, with the interpreter running this code).
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import mimetypes
 import os
+import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -43,7 +48,11 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def _port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a server could listen on ``port``: tried by binding, as the server will (aiohttp sets SO_REUSEADDR on
+    POSIX, so connections of an earlier server still in TIME-WAIT do not make the port busy; a listener does)."""
     with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
+        if os.name == "posix":
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
@@ -83,11 +92,17 @@ class ComfyRunner:
     hold this pack, a generated ``--extra-model-paths-config`` adds a folder that links to it, so the host's own
     models, inputs and outputs stay in use. The server log is kept in ``log_path`` (a temporary file, removed on a
     clean exit, when none is given) and its tail is part of every server error.
+
+    While a prompt runs, the runner prints (``progress``: to stderr by default) which node runs, its steps with an
+    ETA and the text each node reports, from the same websocket messages the frontend uses. Images given to
+    :meth:`upload_image` are sent only when a prompt that uses them has passed the checks that need no upload
+    (:func:`~comfyui_silo.tools.workflow.check_prompt`), into a subfolder of the input folder of their own that is
+    removed again when the runner stops.
     """
 
     def __init__(self, comfyui_path, base_directory=None, port: int | None = None, cpu: bool = False,
                  extra_model_paths=None, pack_dir=PACK_DIR, log_path=None, boot_timeout: float = 300.0,
-                 require_pack: bool = True, extra_args=()):
+                 require_pack: bool = True, extra_args=(), progress=None):
         self.comfyui_path = Path(comfyui_path).expanduser().resolve()
         self.base_directory = Path(base_directory).expanduser().resolve() if base_directory else None
         self.port = port
@@ -107,6 +122,14 @@ class ComfyRunner:
         self._tmp: tempfile.TemporaryDirectory | None = None
         self._log_file = None
         self._object_info: dict | None = None
+        # progress lines: None prints them to stderr, False turns them off, a callable receives each line
+        self.progress = (lambda line: print(line, file=sys.stderr, flush=True)) if progress is None else progress
+        self.client_id = f"{CLIENT_ID}-{uuid.uuid4().hex[:12]}"
+        self._listener: _ProgressListener | None = None
+        # images handed to upload_image wait here until a prompt using them passed the checks (see queue())
+        self.upload_subfolder = f"comfyui-silo-run-{uuid.uuid4().hex[:12]}"
+        self._pending_uploads: dict[str, Path] = {}
+        self._uploaded: set[str] = set()
 
     # -- lifecycle -------------------------------------------------------------------------------------------------
     def __enter__(self) -> ComfyRunner:
@@ -213,6 +236,10 @@ class ComfyRunner:
                               keep_log=True)
 
     def stop(self, keep_log: bool = False) -> None:
+        if self._listener is not None:
+            self._listener.stop()
+            self._listener = None
+        self._remove_uploads()
         proc, self.proc = self.proc, None
         if proc is not None and proc.poll() is None:
             self._signal(proc, signal.SIGTERM)
@@ -270,11 +297,27 @@ class ComfyRunner:
             self._object_info = self.get_json("/object_info", timeout=120)
         return self._object_info
 
-    def upload_image(self, path, subfolder: str = "", overwrite: bool = False) -> str:
-        """Upload a file into the server's input folder; returns the name to put in a LoadImage node."""
+    def upload_image(self, path, subfolder: str | None = None, overwrite: bool = False, defer: bool = True) -> str:
+        """The name to put in a LoadImage node for the local file ``path``.
+
+        By default (``defer``) nothing is sent yet: the file goes to the server's input folder, in this runner's own
+        subfolder (:attr:`upload_subfolder`, removed when the runner stops), when a prompt that names it is queued
+        and has passed the checks that need no upload. ``defer=False`` uploads at once (into ``subfolder``, default
+        the input folder itself, renamed by the server if the name is taken unless ``overwrite``).
+        """
         path = Path(path).expanduser()
         if not path.is_file():
             raise RunnerError(f"image {path} does not exist")
+        if not defer:
+            return self._upload(path, subfolder or "", overwrite)
+        stem, suffix = Path(path.name.replace('"', "_")).stem, Path(path.name).suffix
+        name, n = f"{subfolder or self.upload_subfolder}/{stem}{suffix}", 2
+        while name in self._pending_uploads and self._pending_uploads[name] != path.resolve():
+            name, n = f"{subfolder or self.upload_subfolder}/{stem}_{n}{suffix}", n + 1
+        self._pending_uploads[name] = path.resolve()
+        return name
+
+    def _upload(self, path: Path, subfolder: str, overwrite: bool) -> str:
         boundary = f"----comfyui-silo-{uuid.uuid4().hex}"
         fields = {"type": "input", "subfolder": subfolder, "overwrite": "true" if overwrite else "false"}
         parts = []
@@ -295,11 +338,47 @@ class ComfyRunner:
         name = reply["name"]
         return f"{reply['subfolder']}/{name}" if reply.get("subfolder") else name
 
+    def _send_pending_uploads(self, api_prompt: dict) -> None:
+        used = {v for e in api_prompt.values() for v in (e.get("inputs") or {}).values() if isinstance(v, str)}
+        for name, path in list(self._pending_uploads.items()):
+            if name in used and name not in self._uploaded:
+                subfolder, _, filename = name.rpartition("/")
+                if Path(filename).name != path.name.replace('"', "_"):  # renamed to keep two files apart
+                    tmp = Path(tempfile.mkdtemp(prefix="comfyui-silo-upload-")) / filename
+                    tmp.write_bytes(path.read_bytes())
+                    try:
+                        self._upload(tmp, subfolder, overwrite=True)
+                    finally:
+                        shutil.rmtree(tmp.parent, ignore_errors=True)
+                else:
+                    self._upload(path, subfolder, overwrite=True)
+                self._uploaded.add(name)
+
+    def _remove_uploads(self) -> None:
+        """Delete this runner's upload subfolder from the input folder (when the server runs on this machine)."""
+        if self._uploaded:
+            folder = self.base / "input" / self.upload_subfolder
+            if folder.is_dir() and folder.name.startswith("comfyui-silo-run-"):
+                shutil.rmtree(folder, ignore_errors=True)
+            self._uploaded.clear()
+
     # -- prompts ---------------------------------------------------------------------------------------------------
     def queue(self, api_prompt: dict) -> str:
-        """POST /prompt; returns the prompt id. Validation errors raise a readable :class:`RunnerError`."""
+        """POST /prompt; returns the prompt id. Validation errors raise a readable :class:`RunnerError`.
+
+        First the prompt is checked against ``/object_info`` (:func:`check_prompt`), so a prompt the server would
+        refuse is refused before any image is uploaded; then the images it names are uploaded and the progress of
+        the run is followed (see :class:`ProgressPrinter`)."""
+        from .workflow import check_prompt
+
+        problems = check_prompt(api_prompt, self.object_info(), uploads=set(self._pending_uploads))
+        if problems:
+            raise RunnerError("the workflow cannot run (checked before uploading anything): " + " | ".join(problems),
+                              "\n".join(problems))
+        self._send_pending_uploads(api_prompt)
+        self._follow()
         try:
-            reply = self.post_json("/prompt", {"prompt": api_prompt, "client_id": CLIENT_ID})
+            reply = self.post_json("/prompt", {"prompt": api_prompt, "client_id": self.client_id})
         except urllib.error.HTTPError as e:
             body = e.read().decode(errors="replace")
             try:
@@ -310,7 +389,20 @@ class ComfyRunner:
             raise RunnerError(format_validation_error(data, api_prompt), json.dumps(data, indent=1)) from None
         if reply.get("node_errors"):
             self.warnings.append("some outputs were skipped: " + format_node_errors(reply["node_errors"], api_prompt))
+        if self._listener is not None and self.progress:
+            self._listener.printers[str(reply["prompt_id"])] = ProgressPrinter(self.progress, api_prompt)
         return reply["prompt_id"]
+
+    def _follow(self) -> None:
+        """Connect to the server's websocket (once) so progress messages of the prompts queued next arrive."""
+        if self._listener is not None or not self.progress:
+            return
+        try:
+            self._listener = _ProgressListener("127.0.0.1", int(self.port), self.client_id)
+        except (OSError, ConnectionError) as e:
+            self.warnings.append(f"no progress shown: the server's websocket did not answer ({e})")
+            return
+        self._listener.start()
 
     def wait(self, prompt_id: str, timeout: float = 600, poll: float = 0.25) -> dict:
         """Wait for a queued prompt's history entry; raises :class:`RunnerError` if it failed."""
@@ -328,6 +420,9 @@ class ComfyRunner:
                                       self.log_tail(), keep_log=True) from None
             if prompt_id in history:
                 entry = history[prompt_id]
+                printer = self._listener.printers.get(prompt_id) if self._listener is not None else None
+                if printer is not None:  # let the last progress lines come out before the result
+                    printer.finished.wait(timeout=2.0)
                 check_history_entry(entry)
                 return entry
             if self.proc is not None and self.proc.poll() is not None:
@@ -388,6 +483,194 @@ class ComfyRunner:
         summary_path.write_text(json.dumps(summary, indent=2, default=str))
         written.append(summary_path)
         return written
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# progress from the server's websocket (what the frontend draws its progress bar from)
+
+class _WebSocket:
+    """The client side of RFC 6455, just enough for ComfyUI's ``/ws`` (text and binary messages, ping, close)."""
+
+    def __init__(self, host: str, port: int, path: str, timeout: float = 10.0):
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall((f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+                           f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+                           ).encode())
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            chunk = self.sock.recv(4096)
+            if not chunk:
+                raise ConnectionError("the server closed the websocket handshake")
+            buf += chunk
+        head, self._buf = buf.split(b"\r\n\r\n", 1)
+        if b" 101 " not in head.split(b"\r\n", 1)[0] + b" ":
+            raise ConnectionError(f"websocket handshake refused: {head.splitlines()[0]!r}")
+        self._fragments: list[bytes] = []
+        self._opcode = 0
+
+    def _frame(self):
+        """One complete frame from the buffer, or None when more bytes are needed."""
+        b = self._buf
+        if len(b) < 2:
+            return None
+        n, i = b[1] & 0x7F, 2
+        if n == 126:
+            if len(b) < 4:
+                return None
+            n, i = struct.unpack(">H", b[2:4])[0], 4
+        elif n == 127:
+            if len(b) < 10:
+                return None
+            n, i = struct.unpack(">Q", b[2:10])[0], 10
+        mask = None
+        if b[1] & 0x80:
+            mask, i = b[i:i + 4], i + 4
+        if len(b) < i + n:
+            return None
+        data = b[i:i + n]
+        if mask:
+            data = bytes(c ^ mask[k % 4] for k, c in enumerate(data))
+        self._buf = b[i + n:]
+        return bool(b[0] & 0x80), b[0] & 0x0F, data
+
+    def receive(self, timeout: float) -> tuple[int, bytes] | None:
+        """The next whole message ``(opcode, payload)`` (1 text, 2 binary), None if none came within ``timeout``.
+        Raises ``ConnectionError`` when the server closed the connection."""
+        deadline = time.monotonic() + timeout
+        while True:
+            frame = self._frame()
+            if frame is None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self.sock.settimeout(left)
+                try:
+                    chunk = self.sock.recv(65536)
+                except TimeoutError:
+                    return None
+                if not chunk:
+                    raise ConnectionError("the server closed the websocket")
+                self._buf += chunk
+                continue
+            fin, op, data = frame
+            if op == 8:
+                raise ConnectionError("the server closed the websocket")
+            if op == 9:
+                self._send(10, data)
+                continue
+            if op == 10:
+                continue
+            if op in (1, 2):
+                self._opcode, self._fragments = op, [data]
+            else:
+                self._fragments.append(data)
+            if fin:
+                return self._opcode, b"".join(self._fragments)
+
+    def _send(self, opcode: int, payload: bytes = b"") -> None:
+        mask = os.urandom(4)
+        n = len(payload)
+        head = bytes([0x80 | opcode])
+        head += bytes([0x80 | n]) if n < 126 else (bytes([0x80 | 126]) + struct.pack(">H", n))
+        self.sock.sendall(head + mask + bytes(c ^ mask[k % 4] for k, c in enumerate(payload)))
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._send(8, struct.pack(">H", 1000))
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds // 60 % 60:02d} min"
+
+
+class ProgressPrinter:
+    """Turns the server's ``executing`` / ``progress`` / ``executed`` messages into lines for a person: which node
+    runs, its steps with the time per step and an ETA (at most every ``every`` seconds, first and last step always),
+    and the text each node reports (metrics, training reports, warnings)."""
+
+    def __init__(self, write, api: dict | None = None, every: float = 5.0):
+        self.write = write
+        self.api = api or {}
+        self.every = every
+        self._node_start: dict[str, float] = {}
+        self._last_print: dict[str, float] = {}
+        self.finished = threading.Event()  # set by the server's last message about the prompt
+
+    def label(self, node_id) -> str:
+        entry = self.api.get(str(node_id)) or {}
+        cls = entry.get("class_type") or "?"
+        title = (entry.get("_meta") or {}).get("title")
+        return f"node {node_id} {title!r} ({cls})" if title and title != cls else f"node {node_id} ({cls})"
+
+    def handle(self, kind: str, data: dict) -> None:
+        now = time.monotonic()
+        if kind in ("execution_success", "execution_error", "execution_interrupted") or (
+                kind == "executing" and data.get("node") is None):
+            self.finished.set()
+        elif kind == "execution_cached" and data.get("nodes"):
+            self.write(f"cached (unchanged since the last run): {len(data['nodes'])} node(s)")
+        elif kind == "executing" and data.get("node") is not None:
+            self._node_start[str(data["node"])] = now
+            self.write(f"running {self.label(data['node'])}")
+        elif kind == "progress":
+            node, value, total = str(data.get("node")), int(data.get("value") or 0), int(data.get("max") or 0)
+            start = self._node_start.setdefault(node, now)
+            last = self._last_print.get(node)
+            if value not in (1, total) and last is not None and now - last < self.every:
+                return
+            self._last_print[node] = now
+            line = f"  {self.label(node)}: step {value}/{total}"
+            if value > 0 and total > 0:
+                per = (now - start) / value
+                line += f" ({value / total:.0%}, {per:.2f} s/step"
+                line += f", about {_duration(per * (total - value))} left)" if value < total else ")"
+            self.write(line)
+        elif kind == "executed":
+            text = (data.get("output") or {}).get("text")
+            if text:
+                lines = "\n".join(str(t) for t in (text if isinstance(text, (list, tuple)) else [text]))
+                for line in lines.splitlines():
+                    if line.strip():
+                        self.write(f"  {self.label(data.get('node'))}: {line}")
+
+
+class _ProgressListener(threading.Thread):
+    """Reads the server's websocket for one client id in the background and hands the messages of the prompts
+    being followed to a :class:`ProgressPrinter`. Losing the websocket never fails a run (it is only progress)."""
+
+    def __init__(self, host: str, port: int, client_id: str):
+        super().__init__(daemon=True, name="comfyui-silo-progress")
+        self.ws = _WebSocket(host, port, f"/ws?clientId={urllib.parse.quote(client_id)}")
+        self.printers: dict[str, ProgressPrinter] = {}
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                msg = self.ws.receive(timeout=0.5)
+            except (ConnectionError, OSError):
+                return
+            if msg is None or msg[0] != 1:
+                continue  # no message yet, or a binary preview image
+            with contextlib.suppress(ValueError, TypeError, AttributeError):
+                data = json.loads(msg[1].decode("utf-8", errors="replace"))
+                payload = data.get("data") or {}
+                printer = self.printers.get(str(payload.get("prompt_id")))
+                if printer is not None:
+                    with contextlib.suppress(Exception):
+                        printer.handle(str(data.get("type")), payload)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.ws.close()
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -669,3 +669,66 @@ def parse_assignments(items: list[str] | None, kind: str) -> dict[str, str]:
             raise WorkflowError(f"--{kind} {item!r}: expected {usage}")
         out[left] = right
     return out
+
+
+def _outputs_and_ancestors(api: dict, object_info: dict) -> list[str]:
+    """The nodes the server would validate: output nodes and everything they depend on (in the API prompt)."""
+    todo = [nid for nid, e in api.items() if (object_info.get(e.get("class_type")) or {}).get("output_node")]
+    seen: list[str] = []
+    while todo:
+        nid = todo.pop()
+        if nid in seen or nid not in api:
+            continue
+        seen.append(nid)
+        for value in (api[nid].get("inputs") or {}).values():
+            if _is_link(value):
+                todo.append(str(value[0]))
+    return seen
+
+
+def check_prompt(api: dict, object_info: dict, uploads: frozenset[str] | set[str] = frozenset()) -> list[str]:
+    """What the server would refuse in an API prompt, found without the server (so nothing is uploaded or queued
+    for a prompt that cannot run): unknown node types, missing required inputs, links to missing nodes or outputs,
+    combo values that are not among the options (``uploads``: file names that will exist once uploaded) and numbers
+    outside their range. Only the nodes the server validates are checked (outputs and what they need). Returns one
+    readable line per problem; the server's own validation still runs when the prompt is queued."""
+    problems = []
+    unknown = sorted({f"{nid} ({e.get('class_type')})" for nid, e in api.items()
+                      if e.get("class_type") not in object_info})
+    if unknown:
+        problems.append(f"unknown node type(s): node {', node '.join(unknown)}")
+    for nid in _outputs_and_ancestors(api, object_info):
+        entry = api[nid]
+        definition = object_info.get(entry.get("class_type"))
+        if definition is None:
+            continue
+        label = f"node {nid} ({entry.get('class_type')})"
+        inputs = entry.get("inputs") or {}
+        for name, spec, section in defined_inputs(definition):
+            if name not in inputs:
+                if section == "required":
+                    problems.append(f"{label}: required input {name!r} is missing")
+                continue
+            value = inputs[name]
+            if _is_link(value):
+                src = api.get(str(value[0]))
+                outs = (object_info.get((src or {}).get("class_type")) or {}).get("output") or []
+                if src is None:
+                    problems.append(f"{label}: input {name!r} is linked to node {value[0]}, which is not in the prompt")
+                elif src.get("class_type") in object_info and not 0 <= int(value[1]) < len(outs):
+                    problems.append(f"{label}: input {name!r} is linked to output {value[1]} of node {value[0]} "
+                                    f"({src.get('class_type')}), which has {len(outs)} outputs")
+                continue
+            opts = _options(spec)
+            if any(opts.get(k) for k in UPLOAD_OPTIONS):
+                continue  # file inputs (Load Image): the node checks its file itself, subfolders included
+            options = combo_options(spec)
+            if options and isinstance(value, str) and value not in options and value not in uploads:
+                shown = ", ".join(map(str, options[:8])) + (", ..." if len(options) > 8 else "")
+                problems.append(f"{label}: {name} {value!r} is not one of the choices ({shown})")
+                continue
+            if input_type(spec) in ("INT", "FLOAT") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                lo, hi = opts.get("min"), opts.get("max")
+                if (lo is not None and value < lo) or (hi is not None and value > hi):
+                    problems.append(f"{label}: {name} = {value} is outside [{lo}, {hi}]")
+    return problems

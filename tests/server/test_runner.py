@@ -136,6 +136,43 @@ def test_failures_are_reported_readably_and_the_server_survives(object_info, run
     assert runner.proc.poll() is None, "the server must survive a failed prompt"
 
 
+def test_a_prompt_the_server_would_refuse_uploads_nothing(runner, object_info, small_checkpoint, tmp_path):
+    from PIL import Image
+
+    src = tmp_path / "refused.png"
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(src)
+    name = runner.upload_image(src)
+    assert name.startswith(runner.upload_subfolder + "/"), "the image waits for a prompt that passes the checks"
+    api = ui_to_api(core_workflow("no_such_model.safetensors"), object_info)
+    api["20"] = {"class_type": "LoadImage", "inputs": {"image": name}}
+    api["21"] = {"class_type": "PreviewImage", "inputs": {"images": ["20", 0]}}
+    with pytest.raises(RunnerError, match=r"before uploading anything.*node 4 \(CheckpointLoaderSimple\).*no_such_model"):
+        runner.queue(api)
+    assert not (runner.base / "input" / runner.upload_subfolder).exists()
+    uploaded = list((runner.base / "input").rglob("refused*")) if (runner.base / "input").is_dir() else []
+    assert uploaded == []
+
+
+def test_progress_per_node_and_step_and_the_nodes_text_are_printed(object_info, runner, small_checkpoint, tmp_path):
+    lines: list[str] = []
+    before = runner.progress
+    runner.progress = lines.append
+    try:
+        api = ui_to_api(core_workflow(small_checkpoint.name, steps=3, prefix="silo_progress"), object_info)
+        api["3"]["inputs"]["seed"] = 4321  # not cached from an earlier test
+        api["20"] = {"class_type": "PrimitiveString", "inputs": {"value": "hello from the runner"}}
+        api["21"] = {"class_type": "PreviewAny", "inputs": {"source": ["20", 0]}}
+        runner.run(api, timeout=300)
+    finally:
+        runner.progress = before
+    text = "\n".join(lines)
+    assert "running node 3 (KSampler)" in text and "running node 9 " in text, text
+    steps = [line for line in lines if "node 3 (KSampler): step" in line]
+    assert steps and steps[0].strip().startswith("node 3 (KSampler): step 1/3") and "step 3/3" in steps[-1], steps
+    assert "s/step" in steps[-1]
+    assert "(PreviewAny): hello from the runner" in text, text
+
+
 def _cli(args, timeout=300):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.run([sys.executable, "-m", "comfyui_silo", "run", *args], capture_output=True, text=True,
