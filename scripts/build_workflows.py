@@ -7,6 +7,7 @@ rebuilds them against the running host and fails if the committed files differ, 
     python scripts/build_workflows.py                      # starts a headless host ($COMFYUI_PATH) for /object_info
     python scripts/build_workflows.py --object-info oi.json
     python scripts/build_workflows.py --thumbnails-only    # no host needed
+    python scripts/build_workflows.py --no-thumbnails      # the .json files only
 
 Thumbnails show the photo and what the degradation does to it (computed with the pack's own degradations); they
 never show a made-up restoration.
@@ -34,7 +35,9 @@ COMMON_NOTE = (
     "ComfyUI/models/latent_operators. None yet? Run the workflow 'silo_train_operator_from_generated_images' "
     "(or `python -m comfyui_silo train-operator`) with the same Degradation settings and the file name "
     "'{operator_stem}'.\n"
-    "4. Queue. The result is saved under output/silo/; the preview shows the photo next to the restoration.\n\n"
+    "4. Queue. The result is saved under output/silo/; the preview shows the photo next to the restoration. The "
+    "nodes show their results: SILO KSampler and the chart how consistency with the photo fell step by step, "
+    "Restoration Metrics how well the result explains the photo (RMSE next to the noise floor).\n\n"
     "Settings: the paper samples 999 DDPM steps with eta 0.5 (1.0 for inpainting) and CFG 1. With fewer steps a "
     "larger eta is needed: {steps} steps with eta {eta} is a starting point. gradient 'x0' is faster and needs far "
     "less VRAM (no backward pass through the UNet). early_stop k returns the denoised estimate at step k: smoother, "
@@ -66,116 +69,124 @@ TASKS = [
 STEPS = 250
 
 
+NOTE_WIDTH = 1640.0
+GAP = 40.0  # between columns
+PURPLE, BROWN, GREEN = "#3f789e", "#8a6e3e", "#3e8a5a"
+
+
+def _columns(top: float, *widths: float) -> list:
+    """Columns of the given widths, left to right with GAP between them, their first node's title bar at ``top``
+    plus room for a group title band."""
+    from comfyui_silo.tools.workflow_build import GROUP_TITLE_H, TITLE_H, Column
+
+    cols, x = [], 0.0
+    for w in widths:
+        cols.append(Column(x, top + GROUP_TITLE_H + 12 + TITLE_H, width=w))
+        x += w + GAP
+    return cols
+
+
+def _top(text: str, width: float = NOTE_WIDTH) -> float:
+    """Where the node columns start: under the workflow's note, which sits at the top left."""
+    from comfyui_silo.tools.workflow_build import TITLE_H, note_height
+
+    return 80.0 + note_height(text, width) + TITLE_H
+
+
 def _restoration(b, title: str, deg_widgets: dict, operator_stem: str, eta: float, photo_hint: str,
                  extra: str, compare: bool = False) -> None:
-    x0, x1, x2, x3, x4 = 0, 420, 840, 1260, 1680
-    ckpt = b.node("CheckpointLoaderSimple", (x0, 80), {"ckpt_name": CHECKPOINT})
-    pos = b.node("CLIPTextEncode", (x0, 300), {"text": POSITIVE}, {"clip": ckpt.out("CLIP")}, title="Positive",
-                 size=(380, 130))
-    neg = b.node("CLIPTextEncode", (x0, 470), {"text": NEGATIVE}, {"clip": ckpt.out("CLIP")}, title="Negative",
-                 size=(380, 130))
-    photo = b.node("LoadImage", (x1, 80), {"image": "example.png"}, title="Clean photo" if compare else
-                   "Degraded photo", size=(360, 380))
-    deg = b.node("SILODegradation", (x1, 500), deg_widgets,
-                 {"mask": photo.out("MASK")} if deg_widgets["type"] == "mask_inpaint" else None)
-    if compare:
-        applied = b.node("SILOApplyDegradation", (x2, 560), {"noise_sigma": 0.01, "seed": 0},
-                         {"image": photo.out("IMAGE"), "degradation": deg.out("DEGRADATION")})
-        measured = applied.out("measurement")
-    else:
-        measured = photo.out("IMAGE")
-    enc = b.node("SILOEncodeMeasurement", (x2, 80), {"noise_sigma": 0.01},
-                 {"image": measured, "vae": ckpt.out("VAE"), "degradation": deg.out("DEGRADATION")})
-    op = b.node("SILOLatentOperatorLoader", (x2, 300), {"operator_name": operator_stem + ".safetensors"},
-                size=(360, 160))
-    ks = b.node("SILOKSampler", (x3, 80),
-                {"seed": 0, "steps": STEPS, "cfg": 1.0, "scheduler": "normal", "denoise": 1.0, "eta": eta,
-                 "update": "ddpm", "gradient": "unet", "grad_clamp": 1.0, "early_stop": -1},
-                {"model": ckpt.out("MODEL"), "positive": pos.out(), "negative": neg.out(),
-                 "latent_image": enc.out("LATENT"), "measurement": enc.out("MEASUREMENT"),
-                 "operator": op.out()}, size=(360, 520))
-    dec = b.node("VAEDecode", (x4, 80), None, {"samples": ks.out("LATENT"), "vae": ckpt.out("VAE")})
-    prefix = "silo/" + title.lower().split(" (")[0].replace(" ", "_").replace("-", "_")
-    if compare:
-        stitch = {"direction": "right", "match_image_size": True, "spacing_width": 8, "spacing_color": "white"}
-        common = {"model": ckpt.out("MODEL"), "positive": pos.out(), "negative": neg.out(),
-                  "latent_image": enc.out("LATENT"), "measurement": enc.out("MEASUREMENT"), "vae": ckpt.out("VAE")}
-        dps = b.node("SILOLatentDPSKSampler", (x3, 640),
-                     {"seed": 0, "steps": STEPS, "cfg": 1.0, "scheduler": "normal", "denoise": 1.0, "eta": 1.0,
-                      "gluing": 0.0, "update": "ddpm", "gradient": "unet", "grad_clamp": 0.0, "early_stop": -1},
-                     common, title="Latent DPS (baseline)", size=(360, 480))
-        rs = b.node("SILOReSampleKSampler", (x3, 1160),
-                    {"seed": 0, "steps": STEPS, "cfg": 1.0, "scheduler": "normal", "denoise": 1.0,
-                     "consistency_every": 10, "latent_steps": 500, "lr": 5e-3, "optimization": "auto",
-                     "pixel_steps": 2000, "tolerance": 1e-3, "gamma": 40.0,
-                     "variance": "paper", "dps_eta": 0.0, "early_stop": -1}, common, title="ReSample (baseline)", size=(360, 480))
-        dec_dps = b.node("VAEDecode", (x4, 640), None, {"samples": dps.out("LATENT"), "vae": ckpt.out("VAE")})
-        dec_rs = b.node("VAEDecode", (x4, 1160), None, {"samples": rs.out("LATENT"), "vae": ckpt.out("VAE")})
-        left = b.node("ImageStitch", (x4, 200), stitch, {"image1": photo.out("IMAGE"),
-                                                          "image2": applied.out("upsampled")},
-                      title="original | degraded")
-        both = b.node("ImageStitch", (x4, 400), stitch, {"image1": left.out(), "image2": dec.out()},
-                      title="+ SILO")
-        plus_dps = b.node("ImageStitch", (x4, 780), stitch, {"image1": both.out(), "image2": dec_dps.out()},
-                          title="+ Latent DPS")
-        plus_rs = b.node("ImageStitch", (x4, 1300), stitch, {"image1": plus_dps.out(), "image2": dec_rs.out()},
-                         title="original | degraded | SILO | Latent DPS | ReSample")
-        b.node("SaveImage", (x4 + 360, 80), {"filename_prefix": prefix}, {"images": plus_rs.out()}, size=(640, 360))
-        b.node("SaveImage", (x4 + 360, 480), {"filename_prefix": prefix + "_silo"}, {"images": dec.out()},
-               size=(360, 360))
-        for i, (label, img) in enumerate((("SILO", dec), ("Latent DPS", dec_dps), ("ReSample", dec_rs))):
-            b.node("SILORestorationMetrics", (x4 + 760, 480 + 260 * i), None,
-                   {"image": img.out(), "reference": photo.out("IMAGE"), "measurement": enc.out("MEASUREMENT")},
-                   title=f"Metrics: {label}", size=(360, 240))
-    else:
-        b.node("SaveImage", (x4, 200), {"filename_prefix": prefix}, {"images": dec.out()}, size=(360, 380))
-        side = b.node("ImageStitch", (x4 + 380, 80), {"direction": "right", "match_image_size": True,
-                                                        "spacing_width": 8, "spacing_color": "white"},
-                      {"image1": photo.out("IMAGE"), "image2": dec.out()}, title="photo | restored")
-        b.node("PreviewImage", (x4 + 380, 300), None, {"images": side.out()}, size=(480, 300))
     note = COMMON_NOTE.format(photo_hint=photo_hint, operator_stem=operator_stem, steps=STEPS, eta=eta)
     if compare:
         note = ("Degrade -> restore -> compare: load a CLEAN photo; Apply Degradation blurs it (plus noise 0.01) so "
                 "the original is known. SILO and two baselines that need no operator but decode with the VAE "
                 "every step (Latent DPS, ReSample: much slower) restore it from the same measurement; the saved "
                 "image shows original | degraded | SILO | Latent DPS | ReSample and the Metrics nodes show PSNR, "
-                "SSIM and measurement consistency of each. Bypass (Ctrl+B) a baseline to skip it.\n\n" + note.replace("the degraded photo" + photo_hint, "a clean photo"))
+                "SSIM and measurement consistency of each. Bypass (Ctrl+B) a baseline to skip it.\n\n"
+                + note.replace("the degraded photo" + photo_hint, "a clean photo"))
     if extra:
         note += "\n\n" + extra
-    b.note(note, (x0, 640), size=(800, 330), title=f"SILO: {title}")
-    b.group("Model and prompt", (x0 - 10, 10, 400, 620))
-    b.group("Photo and degradation", (x1 - 10, 10, 400, 800), color="#8a6e3e")
-    b.group("SILO restoration", (x2 - 10, 10, 820, 620), color="#3e8a5a")
+    if compare:
+        c0, c1, c2, c3, c4, c5, c6 = _columns(_top(note), 380, 360, 340, 380, 300, 380, 380)
+    else:
+        c0, c1, c2, c3, c4, c5 = _columns(_top(note), 380, 360, 340, 380, 380, 480)
+    ckpt = b.node("CheckpointLoaderSimple", c0, {"ckpt_name": CHECKPOINT})
+    pos = b.node("CLIPTextEncode", c0, {"text": POSITIVE}, {"clip": ckpt.out("CLIP")}, title="Positive",
+                 size=(380, 130))
+    neg = b.node("CLIPTextEncode", c0, {"text": NEGATIVE}, {"clip": ckpt.out("CLIP")}, title="Negative",
+                 size=(380, 130))
+    photo = b.node("LoadImage", c1, {"image": "example.png"}, title="Clean photo" if compare else
+                   "Degraded photo", size=(360, 360))
+    deg = b.node("SILODegradation", c1, deg_widgets,
+                 {"mask": photo.out("MASK")} if deg_widgets["type"] == "mask_inpaint" else None)
+    if compare:
+        applied = b.node("SILOApplyDegradation", c1, {"noise_sigma": 0.01, "seed": 0},
+                         {"image": photo.out("IMAGE"), "degradation": deg.out("DEGRADATION")})
+        measured = applied.out("measurement")
+    else:
+        measured = photo.out("IMAGE")
+    enc = b.node("SILOEncodeMeasurement", c2, {"noise_sigma": 0.01},
+                 {"image": measured, "vae": ckpt.out("VAE"), "degradation": deg.out("DEGRADATION")})
+    op = b.node("SILOLatentOperatorLoader", c2, {"operator_name": operator_stem + ".safetensors"})
+    ks = b.node("SILOKSampler", c3,
+                {"seed": 0, "steps": STEPS, "cfg": 1.0, "scheduler": "normal", "denoise": 1.0, "eta": eta,
+                 "update": "ddpm", "gradient": "unet", "grad_clamp": 1.0, "early_stop": -1},
+                {"model": ckpt.out("MODEL"), "positive": pos.out(), "negative": neg.out(),
+                 "latent_image": enc.out("LATENT"), "measurement": enc.out("MEASUREMENT"),
+                 "operator": op.out()})
+    dec = b.node("VAEDecode", c4, None, {"samples": ks.out("LATENT"), "vae": ckpt.out("VAE")})
+    prefix = "silo/" + title.lower().split(" (")[0].replace(" ", "_").replace("-", "_")
+    groups = [("Model and prompt", [ckpt, pos, neg], PURPLE), ("Photo and degradation", [photo, deg], BROWN)]
+    if compare:
+        stitch = {"direction": "right", "match_image_size": True, "spacing_width": 8, "spacing_color": "white"}
+        common = {"model": ckpt.out("MODEL"), "positive": pos.out(), "negative": neg.out(),
+                  "latent_image": enc.out("LATENT"), "measurement": enc.out("MEASUREMENT"), "vae": ckpt.out("VAE")}
+        dps = b.node("SILOLatentDPSKSampler", c3,
+                     {"seed": 0, "steps": STEPS, "cfg": 1.0, "scheduler": "normal", "denoise": 1.0, "eta": 1.0,
+                      "gluing": 0.0, "update": "ddpm", "gradient": "unet", "grad_clamp": 0.0, "early_stop": -1},
+                     common, title="Latent DPS (baseline)")
+        rs = b.node("SILOReSampleKSampler", c3,
+                    {"seed": 0, "steps": STEPS, "cfg": 1.0, "scheduler": "normal", "denoise": 1.0,
+                     "consistency_every": 10, "latent_steps": 500, "lr": 5e-3, "optimization": "auto",
+                     "pixel_steps": 2000, "tolerance": 1e-3, "gamma": 40.0,
+                     "variance": "paper", "dps_eta": 0.0, "early_stop": -1}, common, title="ReSample (baseline)")
+        dec_dps = b.node("VAEDecode", c4, None, {"samples": dps.out("LATENT"), "vae": ckpt.out("VAE")})
+        dec_rs = b.node("VAEDecode", c4, None, {"samples": rs.out("LATENT"), "vae": ckpt.out("VAE")})
+        left = b.node("ImageStitch", c4, stitch, {"image1": photo.out("IMAGE"),
+                                                  "image2": applied.out("upsampled")},
+                      title="original | degraded")
+        both = b.node("ImageStitch", c4, stitch, {"image1": left.out(), "image2": dec.out()},
+                      title="+ SILO")
+        plus_dps = b.node("ImageStitch", c4, stitch, {"image1": both.out(), "image2": dec_dps.out()},
+                          title="+ Latent DPS")
+        plus_rs = b.node("ImageStitch", c4, stitch, {"image1": plus_dps.out(), "image2": dec_rs.out()},
+                         title="original | degraded | SILO | Latent DPS | ReSample")
+        b.node("SaveImage", c5, {"filename_prefix": prefix}, {"images": plus_rs.out()}, size=(380, 300))
+        b.node("SaveImage", c5, {"filename_prefix": prefix + "_silo"}, {"images": dec.out()},
+               size=(380, 360))
+        for label, img in (("SILO", dec), ("Latent DPS", dec_dps), ("ReSample", dec_rs)):
+            b.node("SILORestorationMetrics", c6, None,
+                   {"image": img.out(), "reference": photo.out("IMAGE"), "measurement": enc.out("MEASUREMENT")},
+                   title=f"Metrics: {label}")
+        groups[1] = ("Photo and degradation", [photo, deg, applied], BROWN)
+        groups.append(("Restore: SILO and two baselines", [enc, op, ks, dps, rs], GREEN))
+    else:
+        side = b.node("ImageStitch", c4, {"direction": "right", "match_image_size": True,
+                                          "spacing_width": 8, "spacing_color": "white"},
+                      {"image1": photo.out("IMAGE"), "image2": dec.out()}, title="photo | restored")
+        b.node("SILOTracePlot", c4, None, {"trace": ks.out("trace")}, title="Consistency per step",
+               size=(380, 300))
+        b.node("SaveImage", c5, {"filename_prefix": prefix}, {"images": dec.out()}, size=(480, 360))
+        b.node("PreviewImage", c5, None, {"images": side.out()}, size=(480, 300))
+        b.node("SILORestorationMetrics", c5, None, {"image": dec.out(), "measurement": enc.out("MEASUREMENT")},
+               title="Consistency with the photo")
+        groups.append(("SILO restoration", [enc, op, ks], GREEN))
+    b.note(note, (0, 80), size=(NOTE_WIDTH, 0), title=f"SILO: {title}")
+    for name, refs, color in groups:
+        b.group_around(name, refs, color)
 
 
 def train_workflow(b) -> None:
-    x0, x1, x2, x3 = 0, 420, 840, 1260
-    ckpt = b.node("CheckpointLoaderSimple", (x0, 80), {"ckpt_name": CHECKPOINT})
-    prompts = ["a photograph of a busy city street, natural light, detailed",
-               "a close-up photograph of a person's face, natural light, detailed"]
-    neg = b.node("CLIPTextEncode", (x0, 560), {"text": "painting, illustration, text, watermark, blurry"},
-                 {"clip": ckpt.out("CLIP")}, title="Negative", size=(380, 120))
-    latent = b.node("EmptyLatentImage", (x0, 720), {"width": 512, "height": 512, "batch_size": 8})
-    decoded = []
-    for i, text in enumerate(prompts):
-        pos = b.node("CLIPTextEncode", (x0, 260 + 140 * i), {"text": text}, {"clip": ckpt.out("CLIP")},
-                     title=f"Prompt {i + 1}", size=(380, 120))
-        ks = b.node("KSampler", (x1, 80 + 500 * i),
-                    {"seed": 1000 + i, "steps": 25, "cfg": 7.0, "sampler_name": "euler_ancestral",
-                     "scheduler": "normal", "denoise": 1.0},
-                    {"model": ckpt.out("MODEL"), "positive": pos.out(), "negative": neg.out(),
-                     "latent_image": latent.out()}, helpers={"seed": "randomize"})
-        decoded.append(b.node("VAEDecode", (x2, 80 + 500 * i), None,
-                              {"samples": ks.out(), "vae": ckpt.out("VAE")}))
-    images = b.node("ImageBatch", (x2, 300), None, {"image1": decoded[0].out(), "image2": decoded[1].out()})
-    b.node("PreviewImage", (x2, 420), None, {"images": images.out()}, size=(360, 360))
-    deg = b.node("SILODegradation", (x3, 560), {"type": "gaussian_blur", "blur_kernel_size": 61, "blur_sigma": 3.0})
-    b.node("SILOTrainLatentOperator", (x3, 80),
-           {"steps": 2000, "batch_size": 8, "crop_size": 256, "learning_rate": 2e-4, "max_noise_sigma": 0.05,
-            "pool_size": 0, "seed": 0, "filename": "gaussian_blur_sd15"},
-           {"images": images.out(), "model": ckpt.out("MODEL"), "vae": ckpt.out("VAE"),
-            "degradation": deg.out()}, size=(380, 440))
-    b.note(
+    text = (
         "Train a latent operator from images your own checkpoint generates (no dataset needed).\n"
         "1. Load Checkpoint: the checkpoint you will restore with (the operator learns ITS VAE's latent space).\n"
         "2. Degradation: the degradation to learn (Gaussian blur 61/3.0 here). For the other example workflows use "
@@ -188,45 +199,41 @@ def train_workflow(b) -> None:
         "models/latent_operators/gaussian_blur_sd15.safetensors (never overwriting: an existing name gets _2) and "
         "shows its held-out error next to two trivial baselines: the operator should beat both.\n\n"
         "2000 steps take a few minutes on a GPU. pool_size > 0 encodes that many pairs once and reuses them (faster "
-        "when the VAE is slow). A folder of real photos works too: `python -m comfyui_silo train-operator`.",
-        (x0, 900), size=(820, 300), title="SILO: train an operator")
-    b.group("Generate training images", (x0 - 10, 10, 1240, 880))
-    b.group("Train", (x3 - 10, 10, 400, 760), color="#3e8a5a")
+        "when the VAE is slow). A folder of real photos works too: `python -m comfyui_silo train-operator`.")
+    c0, c1, c2, c3 = _columns(_top(text), 380, 360, 360, 400)
+    ckpt = b.node("CheckpointLoaderSimple", c0, {"ckpt_name": CHECKPOINT})
+    prompts = ["a photograph of a busy city street, natural light, detailed",
+               "a close-up photograph of a person's face, natural light, detailed"]
+    neg = b.node("CLIPTextEncode", c0, {"text": "painting, illustration, text, watermark, blurry"},
+                 {"clip": ckpt.out("CLIP")}, title="Negative", size=(380, 120))
+    latent = b.node("EmptyLatentImage", c0, {"width": 512, "height": 512, "batch_size": 8})
+    decoded, made = [], [ckpt, neg, latent]
+    for i, text_i in enumerate(prompts):
+        pos = b.node("CLIPTextEncode", c0, {"text": text_i}, {"clip": ckpt.out("CLIP")},
+                     title=f"Prompt {i + 1}", size=(380, 120))
+        ks = b.node("KSampler", c1,
+                    {"seed": 1000 + i, "steps": 25, "cfg": 7.0, "sampler_name": "euler_ancestral",
+                     "scheduler": "normal", "denoise": 1.0},
+                    {"model": ckpt.out("MODEL"), "positive": pos.out(), "negative": neg.out(),
+                     "latent_image": latent.out()}, helpers={"seed": "randomize"})
+        decoded.append(b.node("VAEDecode", c2, None, {"samples": ks.out(), "vae": ckpt.out("VAE")}))
+        made += [pos, ks, decoded[-1]]
+    images = b.node("ImageBatch", c2, None, {"image1": decoded[0].out(), "image2": decoded[1].out()})
+    preview = b.node("PreviewImage", c2, None, {"images": images.out()}, size=(360, 360))
+    train = b.node("SILOTrainLatentOperator", c3,
+                   {"steps": 2000, "batch_size": 8, "crop_size": 256, "learning_rate": 2e-4, "max_noise_sigma": 0.05,
+                    "pool_size": 0, "seed": 0, "filename": "gaussian_blur_sd15"},
+                   {"images": images.out(), "model": ckpt.out("MODEL"), "vae": ckpt.out("VAE")})
+    deg = b.node("SILODegradation", c3, {"type": "gaussian_blur", "blur_kernel_size": 61, "blur_sigma": 3.0})
+    b.connect(deg.out(), train, "degradation")
+    b.note(text, (0, 80), size=(NOTE_WIDTH, 0), title="SILO: train an operator")
+    b.group_around("Generate training images", [*made, images, preview])
+    b.group_around("Train", [train, deg], GREEN)
 
 
 def uncertainty_workflow(b) -> None:
     """Dirac-style uncertainty: one SILO restoration per seed, their mean, a std heat map and the samples."""
-    x0, x1, x2, x3, x4 = 0, 420, 840, 1260, 1680
-    ckpt = b.node("CheckpointLoaderSimple", (x0, 80), {"ckpt_name": CHECKPOINT})
-    pos = b.node("CLIPTextEncode", (x0, 300), {"text": POSITIVE}, {"clip": ckpt.out("CLIP")}, title="Positive",
-                 size=(380, 130))
-    photo = b.node("LoadImage", (x1, 80), {"image": "example.png"}, title="Degraded photo", size=(360, 380))
-    deg = b.node("SILODegradation", (x1, 500), {"type": "gaussian_blur", "blur_kernel_size": 61, "blur_sigma": 3.0})
-    enc = b.node("SILOEncodeMeasurement", (x2, 80), {"noise_sigma": 0.01},
-                 {"image": photo.out("IMAGE"), "vae": ckpt.out("VAE"), "degradation": deg.out("DEGRADATION")})
-    op = b.node("SILOLatentOperatorLoader", (x2, 300), {"operator_name": "gaussian_blur_sd15.safetensors"},
-                size=(360, 160))
-    sampler = b.node("SILOSampler", (x2, 500),
-                     {"eta": 1.0, "update": "ddpm", "gradient": "unet", "grad_clamp": 1.0, "early_stop": -1},
-                     {"model": ckpt.out("MODEL"), "measurement": enc.out("MEASUREMENT"), "operator": op.out()},
-                     size=(360, 260))
-    guider = b.node("BasicGuider", (x3, 80), None, {"model": ckpt.out("MODEL"), "conditioning": pos.out()})
-    sigmas = b.node("BasicScheduler", (x3, 200), {"scheduler": "normal", "steps": STEPS, "denoise": 1.0},
-                    {"model": ckpt.out("MODEL")})
-    seeds = b.node("SILORestoreSeeds", (x3, 380), {"noise_seed": 0, "seeds": 4},
-                   {"guider": guider.out(), "sampler": sampler.out(), "sigmas": sigmas.out(),
-                    "latent_image": enc.out("LATENT"), "vae": ckpt.out("VAE")}, size=(360, 300),
-                   helpers={"noise_seed": "fixed"})
-    b.node("SaveImage", (x4, 80), {"filename_prefix": "silo/uncertainty_mean"}, {"images": seeds.out("mean")},
-           title="Mean of the restorations", size=(360, 360))
-    b.node("SaveImage", (x4 + 380, 80), {"filename_prefix": "silo/uncertainty_map"},
-           {"images": seeds.out("uncertainty")}, title="Uncertainty (per-pixel std)", size=(360, 360))
-    b.node("PreviewImage", (x4, 480), None, {"images": seeds.out("samples")}, title="The restorations",
-           size=(360, 360))
-    b.node("SILORestorationMetrics", (x4 + 380, 480), None,
-           {"image": seeds.out("mean"), "measurement": enc.out("MEASUREMENT")}, title="Consistency of the mean",
-           size=(360, 240))
-    b.note(
+    text = (
         "Where is the restoration sure, and where is it guessing? (DiracDiffusion's pixel-wise uncertainty)\n"
         "1. Load Checkpoint, Load Image (the blurred photo, sides a multiple of 8) and Latent Degradation Operator "
         "(gaussian_blur_sd15, trained for this checkpoint's VAE) as in 'silo_gaussian_deblur'.\n"
@@ -237,11 +244,38 @@ def uncertainty_workflow(b) -> None:
         "mean explains the photo (consistency next to the noise floor).\n\n"
         "Swap the SILO Sampler for Latent DPS / PSLD Sampler or ReSample Sampler (no operator needed, much slower) to "
         "compare how sure each solver is. More seeds give a steadier map; 4 is a quick look, 16+ a report. "
-        f"{STEPS} DDPM steps with eta 1.0 at CFG 1 (Basic Guider) as in the other workflows.",
-        (x0, 640), size=(800, 330), title="SILO: uncertainty from several seeds")
-    b.group("Model and prompt", (x0 - 10, 10, 400, 620))
-    b.group("Photo and degradation", (x1 - 10, 10, 400, 800), color="#8a6e3e")
-    b.group("Sample N seeds", (x2 - 10, 10, 820, 800), color="#3e8a5a")
+        f"{STEPS} DDPM steps with eta 1.0 at CFG 1 (Basic Guider) as in the other workflows.")
+    c0, c1, c2, c3, c4, c5 = _columns(_top(text), 380, 360, 340, 360, 380, 380)
+    ckpt = b.node("CheckpointLoaderSimple", c0, {"ckpt_name": CHECKPOINT})
+    pos = b.node("CLIPTextEncode", c0, {"text": POSITIVE}, {"clip": ckpt.out("CLIP")}, title="Positive",
+                 size=(380, 130))
+    photo = b.node("LoadImage", c1, {"image": "example.png"}, title="Degraded photo", size=(360, 360))
+    deg = b.node("SILODegradation", c1, {"type": "gaussian_blur", "blur_kernel_size": 61, "blur_sigma": 3.0})
+    enc = b.node("SILOEncodeMeasurement", c2, {"noise_sigma": 0.01},
+                 {"image": photo.out("IMAGE"), "vae": ckpt.out("VAE"), "degradation": deg.out("DEGRADATION")})
+    op = b.node("SILOLatentOperatorLoader", c2, {"operator_name": "gaussian_blur_sd15.safetensors"})
+    sampler = b.node("SILOSampler", c2,
+                     {"eta": 1.0, "update": "ddpm", "gradient": "unet", "grad_clamp": 1.0, "early_stop": -1},
+                     {"model": ckpt.out("MODEL"), "measurement": enc.out("MEASUREMENT"), "operator": op.out()})
+    guider = b.node("BasicGuider", c3, None, {"model": ckpt.out("MODEL"), "conditioning": pos.out()})
+    sigmas = b.node("BasicScheduler", c3, {"scheduler": "normal", "steps": STEPS, "denoise": 1.0},
+                    {"model": ckpt.out("MODEL")})
+    seeds = b.node("SILORestoreSeeds", c3, {"noise_seed": 0, "seeds": 4},
+                   {"guider": guider.out(), "sampler": sampler.out(), "sigmas": sigmas.out(),
+                    "latent_image": enc.out("LATENT"), "vae": ckpt.out("VAE")},
+                   helpers={"noise_seed": "fixed"})
+    b.node("SaveImage", c4, {"filename_prefix": "silo/uncertainty_mean"}, {"images": seeds.out("mean")},
+           title="Mean of the restorations", size=(380, 360))
+    b.node("SaveImage", c4, {"filename_prefix": "silo/uncertainty_map"},
+           {"images": seeds.out("uncertainty")}, title="Uncertainty (per-pixel std)", size=(380, 360))
+    b.node("PreviewImage", c5, None, {"images": seeds.out("samples")}, title="The restorations",
+           size=(380, 360))
+    b.node("SILORestorationMetrics", c5, None,
+           {"image": seeds.out("mean"), "measurement": enc.out("MEASUREMENT")}, title="Consistency of the mean")
+    b.note(text, (0, 80), size=(NOTE_WIDTH, 0), title="SILO: uncertainty from several seeds")
+    b.group_around("Model and prompt", [ckpt, pos])
+    b.group_around("Photo and degradation", [photo, deg], BROWN)
+    b.group_around("Sample N seeds", [enc, op, sampler, guider, sigmas, seeds], GREEN)
 
 
 def workflow_specs() -> dict[str, tuple[str, Callable]]:
@@ -383,6 +417,7 @@ def main(argv=None) -> int:
     p.add_argument("--object-info", help="a saved /object_info JSON (default: start a headless host)")
     p.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH") or os.path.expanduser("~/ComfyUI"))
     p.add_argument("--thumbnails-only", action="store_true")
+    p.add_argument("--no-thumbnails", action="store_true", help="write the .json files only")
     args = p.parse_args(argv)
     OUT.mkdir(exist_ok=True)
     specs = workflow_specs()
@@ -392,7 +427,7 @@ def main(argv=None) -> int:
         for stem, wf in build_all(info).items():
             (OUT / f"{stem}.json").write_text(dumps(wf), encoding="utf-8")
             print(OUT / f"{stem}.json")
-    for stem, (title, _build) in specs.items():
+    for stem, (title, _build) in ({} if args.no_thumbnails else specs).items():
         make_thumbnail(stem, title)
         print(OUT / f"{stem}.jpg")
     return 0

@@ -217,3 +217,8 @@ def test_readme_main_job_command_restores_a_photo(tmp_path_factory, small_checkp
     assert saved, proc.stdout
     with Image.open(saved[0]) as im:
         assert im.size == (64, 48)
+    # the run is followed node by node and step by step, with the nodes' own reports (on stderr)
+    assert "(SILOKSampler)" in proc.stderr and "step 2/2" in proc.stderr, proc.stderr[-3000:]
+    assert "consistency" in proc.stderr
+    # the photo went to a subfolder of its own, removed when the run ended
+    assert not [p for p in (base / "input").iterdir() if p.name.startswith("comfyui-silo-run-")]

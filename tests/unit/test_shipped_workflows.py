@@ -57,3 +57,75 @@ def test_workflow_is_a_well_formed_ui_file_with_a_thumbnail_and_notes(path):
     assert used & {"SILOKSampler", "SILOSampler", "SILOTrainLatentOperator"}
     if used & {"SILOKSampler", "SILOSampler"}:
         assert {"SILOEncodeMeasurement", "SILOLatentOperatorLoader", "SILODegradation"} <= used
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_workflow_opens_with_no_node_covering_another_and_groups_whole(path):
+    """Node rectangles as the frontend draws them (title bar included): none overlaps another (notes included);
+    a node is fully inside a group (below its title band) or fully outside it; groups do not overlap."""
+    from comfyui_silo.tools.workflow_build import layout_problems, saved_layout
+
+    wf = json.loads(path.read_text(encoding="utf-8"))
+    nodes, groups = saved_layout(wf)
+    assert groups, "the workflow groups its nodes"
+    assert layout_problems(nodes, groups) == []
+    notes = [n for n in wf["nodes"] if n["type"] == "Note"]
+    others = [n for n in wf["nodes"] if n["type"] != "Note"]
+    assert all(note["pos"][1] < min(n["pos"][1] for n in others) for note in notes), "the note comes first (top)"
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_every_node_is_at_least_as_large_as_the_frontend_draws_it(path):
+    """Sizes follow the frontend's rule (tools/workflow_build.py: 20 px per socket row, 24 per widget, a results box
+    for the nodes whose text the web extension shows), so no widget is squeezed when the template opens."""
+    from comfyui_silo.tools.workflow_build import (
+        MIN_WIDTH,
+        NODE_PAD,
+        ROW_H,
+        TEXT_BOX_H,
+        TEXT_NODES,
+        WIDGET_H,
+        note_height,
+    )
+
+    wf = json.loads(path.read_text(encoding="utf-8"))
+    for n in wf["nodes"]:
+        w, h = n["size"]
+        if n["type"] == "Note":
+            assert h >= note_height(n["widgets_values"][0], w), f"{path.stem}: the note needs a scroll bar"
+            continue
+        rows = max(len(n.get("inputs") or []), len(n.get("outputs") or []))
+        need = NODE_PAD + ROW_H * rows + WIDGET_H * len(n.get("widgets_values") or [])
+        need += TEXT_BOX_H if n["type"] in TEXT_NODES else 0
+        assert w >= MIN_WIDTH and h >= need, f"{path.stem}: node {n['id']} ({n['type']}) is {w}x{h}, needs {need}"
+
+
+def test_the_layout_knows_the_nodes_the_web_extension_gives_a_results_box():
+    import re
+
+    from comfyui_silo.tools.workflow_build import TEXT_NODES
+
+    js = (ROOT / "web" / "js" / "silo_text.js").read_text(encoding="utf-8")
+    listed = re.search(r"const TEXT_NODES = \[(.*?)\];", js, re.S).group(1)
+    assert sorted(re.findall(r'"(\w+)"', listed)) == sorted(TEXT_NODES)
+    assert set(TEXT_NODES) <= OUR_NODES
+
+
+def test_layout_check_finds_overlaps_and_half_grouped_nodes():
+    from comfyui_silo.tools.workflow_build import layout_problems
+
+    nodes = {"a": (0, 0, 100, 100), "b": (90, 50, 100, 100), "c": (400, 0, 50, 50), "d": (600, 0, 50, 50)}
+    groups = {"g": (380, -20, 100, 100), "h": (590, -50, 100, 120)}
+    problems = layout_problems(nodes, groups)
+    assert "a overlaps b" in problems
+    assert any(p.startswith("c is partly outside group 'g'") for p in problems), "c covers g's title band"
+    assert not any(p.startswith("d ") for p in problems)
+
+
+def test_readme_links_the_browser_screenshot():
+    from PIL import Image
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "](docs/browser_deblur.png)" in readme
+    with Image.open(ROOT / "docs" / "browser_deblur.png") as im:
+        assert im.format == "PNG" and im.width >= 1200, "zoomed in enough that the nodes' text is drawn"

@@ -1,0 +1,174 @@
+"""Browser tier: what a user sees in the real ComfyUI frontend (headless Chromium, DevTools protocol).
+
+Every shipped workflow opens with all its node types known, its widget values where they belong and no node
+covering another in the live layout; the deblurring workflow runs from the browser (64x64, 2 steps, the random
+checkpoint) and its nodes show their results (SILO KSampler's consistency summary, Restoration Metrics' text, the
+operator's facts, the consistency chart). Screenshots go to tests/_out/browser/.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from comfyui_silo.tools.workflow_build import TEXT_NODES, layout_problems
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[2]
+WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
+OUT = ROOT / "tests" / "_out" / "browser"
+FILE_COMBOS = {"ckpt_name", "image", "operator_name"}  # their options are the files this test server happens to have
+
+def load_workflow(page, path: Path) -> None:
+    wf = json.loads(path.read_text(encoding="utf-8"))
+    page.evaluate(f"(async () => {{ await app.loadGraphData({json.dumps(wf)}, true, true, "
+                  f"{json.dumps(path.stem)}); return true; }})()")
+    expected = json.dumps(sorted(f"{n['id']}:{n['type']}" for n in wf["nodes"]), separators=(",", ":"))
+    page.wait_for(f"JSON.stringify(app.graph._nodes.map((n) => n.id + ':' + n.type).sort()) === {json.dumps(expected)}",
+                  timeout=30, what=f"{path.name} to load")
+    time.sleep(0.5)  # let the DOM widgets (text boxes) attach
+
+
+LIVE_GRAPH = """(() => {
+  const reg = LiteGraph.registered_node_types;
+  const nodes = app.graph._nodes.map((n) => {
+    const widgets = (n.widgets || []).map((w) => ({
+      name: w.name, type: w.type,
+      value: (w.value !== null && typeof w.value === 'object') ? null : w.value,
+      serialize: w.serialize !== false && w.options?.serialize !== false,
+      options: Array.isArray(w.options?.values) ? w.options.values : null,
+      scroll: w.element ? [w.element.scrollHeight, w.element.clientHeight] : null,
+    }));
+    const saved = n.serialize().widgets_values ?? [];
+    return {id: n.id, type: n.type, title: n.title, registered: !!reg[n.type], has_errors: !!n.has_errors, saved,
+            rect: Array.from(n.boundingRect), size: Array.from(n.size), min: Array.from(n.computeSize()), widgets};
+  });
+  const groups = (app.graph._groups || app.graph.groups || []).map((g) => ({
+    title: g.title, rect: Array.from(g.boundingRect ?? g._bounding)}));
+  return {nodes, groups};
+})()"""
+
+
+def live_graph(page) -> dict:
+    return page.evaluate(LIVE_GRAPH)
+
+
+SPAN = """(() => { const r = app.graph._nodes.map((n) => Array.from(n.boundingRect));
+  const c = app.canvas.canvas.getBoundingClientRect();
+  return [Math.min(...r.map((b) => b[0])), Math.min(...r.map((b) => b[1])),
+          Math.max(...r.map((b) => b[0] + b[2])), Math.max(...r.map((b) => b[1] + b[3])), c.left, c.top]; })()"""
+
+
+def fit_and_shoot(page, path: Path, scale: float | None = None, size=(1600, 1000), margin: int = 30) -> Path:
+    """Screenshot the whole graph: fitted to the window, or at ``scale`` with the window grown to hold it."""
+    w, h = size
+    if scale is not None:
+        x0, y0, x1, y1, left, top = page.evaluate(SPAN)
+        w = int(left + (x1 - x0) * scale + 2 * margin)
+        h = int(top + (y1 - y0) * scale + 2 * margin + 60)  # the zoom controls sit at the bottom
+    page.send("Emulation.setDeviceMetricsOverride", {"width": w, "height": h, "deviceScaleFactor": 1, "mobile": False})
+    time.sleep(0.5)
+    if scale is None:
+        page.evaluate("(async () => { await app.extensionManager.command.execute('Comfy.Canvas.FitView'); "
+                      "return true; })()")
+    else:
+        page.evaluate(f"""(() => {{ const ds = app.canvas.ds; ds.scale = {scale};
+            ds.offset[0] = {margin} / {scale} - ({x0}); ds.offset[1] = {margin} / {scale} - ({y0});
+            app.canvas.setDirty(true, true); return true; }})()""")
+    time.sleep(1.0)  # a few frames for the canvas and the DOM widgets to follow
+    return page.screenshot(path)
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_shipped_workflow_opens_clean_in_the_frontend(page, path):
+    wf = json.loads(path.read_text(encoding="utf-8"))
+    load_workflow(page, path)
+    graph = live_graph(page)
+    nodes = {n["id"]: n for n in graph["nodes"]}
+    assert len(nodes) == len(wf["nodes"])
+    missing = sorted({n["type"] for n in graph["nodes"] if not n["registered"] or n["has_errors"]})
+    assert not missing, f"{path.name}: the frontend does not know {missing}"
+
+    # widget values: the frontend saves back exactly what the file holds (nothing shifted, the results box not
+    # saved), and combos hold one of their options
+    for saved in wf["nodes"]:
+        live = nodes[saved["id"]]
+        assert live["saved"] == saved.get("widgets_values", []), f"{path.name}: node {saved['id']} ({saved['type']})"
+        for w in live["widgets"]:
+            if w["options"] is not None and w["name"] not in FILE_COMBOS and w["serialize"]:
+                assert w["value"] in w["options"], f"{path.name}: {live['type']}.{w['name']} = {w['value']!r}"
+        if saved["type"] in TEXT_NODES:
+            assert [(w["name"], w["serialize"]) for w in live["widgets"]][-1] == ("results", False), live["type"]
+
+    # the live layout: nothing overlaps, groups hold whole nodes, no widget squeezed, notes need no scroll bar
+    rects = {f"{n['id']} {n['title']}": tuple(n["rect"]) for n in graph["nodes"]}
+    groups = {g["title"]: tuple(g["rect"]) for g in graph["groups"]}
+    assert len(groups) == len(wf["groups"])
+    assert layout_problems(rects, groups) == []
+    for n in graph["nodes"]:
+        assert n["size"][0] >= n["min"][0] - 0.5 and n["size"][1] >= n["min"][1] - 0.5, \
+            f"{path.name}: {n['title']} is {n['size']}, the frontend needs {n['min']}"
+    fit_and_shoot(page, OUT / f"{path.stem}.png")
+    # the note at 100 % (text boxes are hidden when zoomed out): its text fits without a scroll bar
+    for n in graph["nodes"]:
+        if n["type"] == "Note":
+            x, y = n["rect"][0], n["rect"][1]
+            page.evaluate(f"(() => {{ const ds = app.canvas.ds; ds.scale = 1; ds.offset[0] = 20 - ({x}); "
+                          f"ds.offset[1] = 20 - ({y}); app.canvas.setDirty(true, true); return true; }})()")
+            time.sleep(0.6)
+            scroll = page.evaluate(f"(() => {{ const el = app.graph.getNodeById({n['id']}).widgets[0].element;"
+                                   "return el ? [el.scrollHeight, el.clientHeight] : null; })()")
+            assert scroll and scroll[1] > 0, f"{path.name}: the note's text box is not shown at 100 %"
+            assert scroll[0] <= scroll[1] + 2, f"{path.name}: the note needs a scroll bar ({scroll})"
+
+
+SET_UP_RUN = """(() => {
+  const set = (type, name, value) => {
+    const found = app.graph._nodes.filter((n) => n.type === type);
+    if (!found.length) throw new Error('no ' + type);
+    for (const n of found) { const w = n.widgets.find((w) => w.name === name); w.value = value; w.callback?.(value); }
+  };
+  set('CheckpointLoaderSimple', 'ckpt_name', %(ckpt)s);
+  set('LoadImage', 'image', 'browser_photo.png');
+  set('SILOKSampler', 'steps', 2);
+  window.__silo = {done: false, errors: [], progress: 0};
+  const api = window.comfyAPI.api.api;
+  api.addEventListener('execution_success', () => { window.__silo.done = true; });
+  api.addEventListener('execution_error', (e) => { window.__silo.errors.push(e.detail); window.__silo.done = true; });
+  api.addEventListener('progress', () => { window.__silo.progress += 1; });
+  return true;
+})()"""
+
+RESULTS = """(() => app.graph._nodes.map((n) => {
+  const w = (n.widgets || []).find((w) => w.name === 'results');
+  const out = app.nodeOutputs?.[String(n.id)] ?? null;
+  return {id: n.id, type: n.type, title: n.title, text: w ? w.value : null,
+          shown: w?.element ? w.element.value : null, images: (out?.images || n.imgs || []).length};
+}))()"""
+
+
+def test_deblur_runs_from_the_browser_and_its_nodes_show_the_results(page, small_checkpoint):
+    load_workflow(page, ROOT / "workflows" / "silo_gaussian_deblur.json")
+    page.evaluate(SET_UP_RUN % {"ckpt": json.dumps(small_checkpoint.name)})
+    page.evaluate("(async () => { await app.queuePrompt(0, 1); return true; })()")
+    state = page.wait_for("window.__silo.done && window.__silo", timeout=600, poll=1.0, what="the run to finish")
+    assert not state["errors"], json.dumps(state["errors"], indent=1)[:3000]
+    assert state["progress"] >= 2, "the sampler reported its steps to the progress bar"
+    time.sleep(1.0)
+    results = {r["type"]: r for r in page.evaluate(RESULTS)}
+
+    ks = results["SILOKSampler"]
+    assert "consistency" in (ks["text"] or "") and "2 steps" in ks["text"], ks
+    assert ks["shown"] == ks["text"], "the box on the node shows the text"
+    metrics = results["SILORestorationMetrics"]
+    assert "noise floor" in (metrics["text"] or ""), metrics
+    operator = results["SILOLatentOperatorLoader"]
+    assert "Gaussian blur" in (operator["text"] or ""), operator
+    assert results["SILOTracePlot"]["images"] >= 1, "the consistency chart is shown on its node"
+    assert results["PreviewImage"]["images"] >= 1
+    shot = fit_and_shoot(page, OUT / "silo_gaussian_deblur_after_run.png", scale=0.8)
+    assert shot.stat().st_size > 50_000
