@@ -25,3 +25,25 @@ def smooth_photo(size: int) -> torch.Tensor:
     g = 0.25 + 0.35 * y + 0.1 * torch.cos(2 * math.pi * 2 * (x + y)) + 0.25 * disc2
     b = 0.5 + 0.2 * torch.sin(2 * math.pi * 1.5 * x) * torch.cos(2 * math.pi * y) - 0.2 * disc1 + 0.2 * disc2
     return torch.stack([r, g, b], dim=-1).clamp(0, 1)[None]
+
+
+def photos(n_max: int = 8) -> list[torch.Tensor]:
+    """Real photographs bundled with scikit-image, as [3,H,W] in [0,1] (natural photos last: training holds out the
+    last images). What the training benchmarks learn from: an operator's held-out error depends on real content."""
+    import numpy as np
+    from skimage import data as skdata
+
+    out = []
+    for name in ("immunohistochemistry", "retina", "hubble_deep_field", "rocket", "motorcycle_left", "astronaut",
+                 "coffee", "chelsea"):
+        try:
+            im = getattr(skdata, name)()
+        except Exception:  # noqa: S112 - optional data files may be missing
+            continue
+        if im.ndim == 3 and im.shape[-1] >= 3:
+            out.append(torch.from_numpy(np.ascontiguousarray(im[..., :3])).permute(2, 0, 1).float() / 255.0)
+        if len(out) == n_max:
+            break
+    if len(out) < 4:
+        raise RuntimeError("scikit-image's sample photographs are needed (pip install scikit-image pooch)")
+    return out

@@ -257,8 +257,12 @@ def _component_calls(base_model, decode, encode, op, cond, to, x, img, sigma) ->
 def run_components(b: Bench, log) -> list[dict]:
     import comfy.model_management as mm
 
-    from comfyui_silo.nodes.bridge import differentiable_vae
-    from comfyui_silo.nodes.sampling import _sdpa_override, make_weights_differentiable
+    from comfyui_silo.nodes.host import (
+        differentiable_vae,
+        diffusion_model,
+        make_weights_differentiable,
+        sdpa_attention_override,
+    )
     from comfyui_silo.operators.network import LatentOperator
 
     rows = []
@@ -266,11 +270,11 @@ def run_components(b: Bench, log) -> list[dict]:
     with torch.inference_mode(False):
         mm.load_models_gpu([b.model], force_full_load=True)
         base_model = b.model.model
-        make_weights_differentiable(base_model.diffusion_model)
+        make_weights_differentiable(diffusion_model(b.model))
         decode, encode = differentiable_vae(b.vae, b.model)
         dev = b.device
         cond = b.positive[0][0].to(dev)
-        to = {"optimized_attention_override": _sdpa_override}
+        to = {"optimized_attention_override": sdpa_attention_override}
         op = LatentOperator().to(dev)
         op.requires_grad_(False)
         for size in sizes:
@@ -288,11 +292,9 @@ def run_components(b: Bench, log) -> list[dict]:
 
 
 def run_training(b: Bench, log) -> list[dict]:
-    from comfyui_silo.nodes.bridge import make_encoder
+    from benchmarks.common import photos
+    from comfyui_silo.nodes.host import make_encoder
     from comfyui_silo.operators.training import train_operator
-
-    sys.path.insert(0, str(ROOT / "tests" / "unit"))
-    from test_training import photos
 
     t = b.p["train"]
     size = t["size"]

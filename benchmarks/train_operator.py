@@ -54,11 +54,9 @@ def main(argv=None) -> int:
     import comfy.model_management as mm
     import comfy.sd
 
-    from comfyui_silo.nodes.bridge import make_encoder
+    from benchmarks.common import photos
+    from comfyui_silo.nodes.host import make_encoder
     from comfyui_silo.operators.training import train_operator
-
-    sys.path.insert(0, str(ROOT / "tests" / "unit"))
-    from test_training import photos
 
     model, _clip, vae = comfy.sd.load_checkpoint_guess_config(str(ckpt), output_vae=True, output_clip=False)[:3]
     device = mm.get_torch_device()

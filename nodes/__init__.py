@@ -6,10 +6,11 @@ from comfy_api.latest import ComfyExtension, io
 
 from .baselines import LatentDPSKSampler, LatentDPSSampler, ReSampleKSampler, ReSampleSampler
 from .degradation import ApplyDegradation, DegradationNode
+from .measurement import EncodeMeasurement
 from .metrics import PixelUncertainty, RestorationMetrics, RestoreSeeds
 from .operator_nodes import LatentOperatorLoader, TrainLatentOperator
 from .plots import TracePlot
-from .sampling import EncodeMeasurement, SiloKSampler, SiloSampler
+from .silo import SiloKSampler, SiloSampler
 
 NODES: list[type[io.ComfyNode]] = [
     DegradationNode,

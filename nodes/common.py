@@ -1,9 +1,12 @@
-"""Shared glue for the nodes: custom socket types, IMAGE/MASK conversion, user-facing errors.
+"""Shared glue for the nodes: custom socket types, IMAGE/MASK conversion, user-facing errors, node names.
 
-This package (``nodes/``) is the only place that imports ComfyUI.
+This package (``nodes/``) is the only place that imports ComfyUI; this module only its node API (``comfy_api``),
+never ``comfy.*`` (that is ``host.py``'s job).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from comfy_api.latest import io
@@ -25,6 +28,33 @@ class SiloInputError(ValueError):
         if fix:
             msg += f" {fix}"
         super().__init__(msg)
+
+
+@functools.cache
+def display_name(node_cls: type) -> str:
+    """The name a user sees on a node (its schema's ``display_name``): what every error text calls the node."""
+    return node_cls.define_schema().display_name
+
+
+def require_finite(x: torch.Tensor, node: str, input_name: str, what: str = "the image",
+                   fix: str = "Check the node that made it (a NaN/inf usually comes from a failed decode or an "
+                               "overflowing fp16 model).") -> torch.Tensor:
+    """``x`` unchanged, or :class:`SiloInputError` when it holds NaN or inf: a non-finite input gives an all-NaN
+    result (a black image) that would otherwise look like success."""
+    if not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise SiloInputError(node, input_name, f"{what} contains {bad} NaN/inf value(s) of {x.numel()}.", fix)
+    return x
+
+
+def trace_text(trace: list, what: str = "‖w − H(ẑ₀)‖") -> str:
+    """One line summarising a solver's consistency trace (first and last recorded loss)."""
+    if not trace:
+        return "no guided steps"
+    first, last = trace[0], trace[-1]
+    f = sum(first["loss"]) / len(first["loss"])
+    la = sum(last["loss"]) / len(last["loss"])
+    return f"consistency {what}: step 0 {f:.3f} → step {last['step']} {la:.3f} ({len(trace)} steps)"
 
 
 def image_to_bchw(image: torch.Tensor, node: str, input_name: str = "image") -> torch.Tensor:

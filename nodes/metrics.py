@@ -7,7 +7,16 @@ import math
 from comfy_api.latest import io, ui
 
 from ..operators.metrics import measurement_consistency, pixel_uncertainty, psnr, ssim
-from .common import CATEGORY, Measurement, SiloInputError, bchw_to_image, image_to_bchw
+from .common import (
+    CATEGORY,
+    Measurement,
+    SiloInputError,
+    bchw_to_image,
+    display_name,
+    image_to_bchw,
+    require_finite,
+)
+from .host import sample_seeds
 
 
 def _fmt(v: float, unit: str = "") -> str:
@@ -45,14 +54,17 @@ class RestorationMetrics(io.ComfyNode):
 
     @classmethod
     def execute(cls, image, reference=None, measurement=None) -> io.NodeOutput:
-        node = "Restoration Metrics"
+        node = display_name(cls)
         if reference is None and measurement is None:
             raise SiloInputError(node, "reference", "nothing to compare with.",
                                  "Connect a reference image (the clean original) and/or the MEASUREMENT.")
-        x = image_to_bchw(image, node)
+        x = require_finite(image_to_bchw(image, node), node, "image", "the restoration",
+                           "A NaN/inf image cannot be scored: fix the sampler run that produced it (lower eta, more "
+                           "steps) before comparing.")
         lines, p_mean, s_mean, c_mean = [], math.nan, math.nan, math.nan
         if reference is not None:
-            ref = image_to_bchw(reference, node, "reference")
+            ref = require_finite(image_to_bchw(reference, node, "reference"), node, "reference", "the reference",
+                                 "Connect the clean original photo.")
             if ref.shape[-2:] != x.shape[-2:] or ref.shape[0] not in (1, x.shape[0]):
                 raise SiloInputError(node, "reference", f"the reference is {ref.shape[-1]}x{ref.shape[-2]} (batch "
                                      f"{ref.shape[0]}) but the image is {x.shape[-1]}x{x.shape[-2]} (batch "
@@ -106,8 +118,9 @@ class PixelUncertainty(io.ComfyNode):
 
     @classmethod
     def execute(cls, samples) -> io.NodeOutput:
-        node = "Pixel Uncertainty"
-        x = image_to_bchw(samples, node, "samples")
+        node = display_name(cls)
+        x = require_finite(image_to_bchw(samples, node, "samples"), node, "samples", "the restorations",
+                           "Fix the sampler run that produced them (lower eta, more steps).")
         if x.shape[0] < 2:
             raise SiloInputError(node, "samples", f"got {x.shape[0]} image; uncertainty needs at least 2 "
                                  "restorations of the same photo.", "Use Repeat Latent Batch (e.g. 8) before the "
@@ -158,9 +171,7 @@ class RestoreSeeds(io.ComfyNode):
     def execute(cls, guider, sampler, sigmas, latent_image, vae, noise_seed, seeds) -> io.NodeOutput:
         import torch
 
-        from .sampling import sample_seeds
-
-        node = "Restore with N Seeds"
+        node = display_name(cls)
         if latent_image["samples"].shape[0] != 1:
             raise SiloInputError(node, "latent_image", f"got a batch of {latent_image['samples'].shape[0]} latents; "
                                  "this node draws several restorations of ONE photo.",
@@ -168,6 +179,8 @@ class RestoreSeeds(io.ComfyNode):
                                  "Batch.")
         latents = sample_seeds(guider, sampler, sigmas, latent_image, [noise_seed + i for i in range(seeds)])
         images = torch.cat([vae.decode(z[None]) for z in latents]).float()
+        require_finite(images, node, "sampler", "the decoded restorations",
+                       "The solver diverged: lower its eta (or set grad_clamp above 0) or use more steps.")
         out = pixel_uncertainty(images.permute(0, 3, 1, 2))
         text = (f"{seeds} seeds ({noise_seed}…{noise_seed + seeds - 1}); mean per-pixel std "
                 f"{out['mean_std']:.4f} (max {float(out['std_gray'].max()):.4f})")

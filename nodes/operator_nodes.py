@@ -12,8 +12,8 @@ from comfy_api.latest import io, ui
 from ..operators.degradations import describe_spec
 from ..operators.io import load_operator, read_operator_metadata, save_operator
 from ..operators.training import format_report, train_operator
-from .bridge import interrupt_check, latent_format_info, make_encoder
 from .common import CATEGORY, Degradation, LatentOperator, SiloInputError, image_to_bchw
+from .host import interrupt_check, latent_format_info, make_encoder
 
 FOLDER = "latent_operators"
 

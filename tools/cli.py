@@ -67,7 +67,7 @@ def cmd_train_operator(args) -> int:
     bootstrap_host(args.comfyui, cpu=args.cpu)
     import comfy.sd
 
-    from ..nodes.bridge import latent_format_info, make_encoder
+    from ..nodes.host import latent_format_info, make_encoder
     from ..operators.io import save_operator
     from ..operators.training import format_report, train_operator
 

@@ -9,7 +9,7 @@ pytestmark = pytest.mark.comfy
 
 
 def test_decode_matches_the_host_and_passes_gradients(comfy_host, sd15_small):
-    from comfyui_silo.nodes.bridge import differentiable_vae
+    from comfyui_silo.nodes.host import differentiable_vae
 
     model, _clip, vae = sd15_small
     lf = model.get_model_object("latent_format")

@@ -28,7 +28,7 @@ def test_operator_trained_on_the_random_sd15_vae_beats_trivial_baselines(comfy_h
     from comfyui_silo.operators.io import load_operator, save_operator
     from comfyui_silo.operators.training import format_report, train_operator
 
-    bridge = _host_module(comfy_host, "nodes.bridge")
+    bridge = _host_module(comfy_host, "nodes.host")
     model, _clip, vae = sd15_small
     encode = bridge.make_encoder(vae, model)
     # Inpainting with user-style masks (random rectangles during training): the random VAE's latents of the
