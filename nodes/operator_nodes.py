@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import os
-import re
 
 import folder_paths
 import torch
 from comfy_api.latest import io, ui
 
+from ..config import SettingError
 from ..operators.degradations import describe_spec
+from ..operators.files import latent_family, operator_file_name
 from ..operators.io import load_operator, read_operator_metadata, save_operator
-from ..operators.training import format_report, train_operator
-from .common import CATEGORY, Degradation, LatentOperator, SiloInputError, image_to_bchw
+from ..operators.text import bounded
+from ..operators.training import TrainingDataError, TrainSettings, format_report, train_operator
+from .common import CATEGORY, Degradation, LatentOperator, SiloInputError, display_name, image_to_bchw
 from .host import interrupt_check, latent_format_info, make_encoder
+from .widgets import settings_from_widgets, widget_inputs
 
 FOLDER = "latent_operators"
 
@@ -35,20 +38,27 @@ def register_operator_folder() -> str:
 register_operator_folder()
 
 
+def _number(value, fmt: str) -> str:
+    return format(value, fmt) if isinstance(value, (int, float)) and not isinstance(value, bool) else "?"
+
+
 def describe_operator(meta: dict) -> str:
+    """The loader's text: what the operator emulates, for which family, how it was trained. Every value comes from
+    the file, so each is bounded (a 30 MB string in the metadata must not become 30 MB of UI text)."""
     deg = meta.get("degradation", {})
     lf = meta.get("latent_format", {})
     tr = meta.get("training") or {}
     lines = [f"degradation: {describe_spec(deg) if deg else 'unknown'}",
-             f"latent format: {lf.get('name', '?')} ({lf.get('latent_channels', '?')} channels, "
-             f"scale {lf.get('scale_factor', '?')})",
-             f"architecture: {meta.get('architecture', {}).get('class', '?')}"]
+             f"latent format: {latent_family(lf)} ({bounded(lf.get('latent_channels', '?'), 20)} channels, "
+             f"scale {bounded(lf.get('scale_factor', '?'), 20)}, shift {bounded(lf.get('shift_factor', 0.0), 20)})",
+             f"architecture: {bounded(meta.get('architecture', {}).get('class', '?'), 60)}"]
     if tr:
-        lines.append(f"trained {tr.get('steps', '?')} steps on {tr.get('images', '?')} images "
-                     f"({tr.get('date', '?')})")
+        lines.append(f"trained {bounded(tr.get('steps', '?'), 20)} steps on {bounded(tr.get('images', '?'), 20)} "
+                     f"images ({bounded(tr.get('date', '?'), 40)})")
         held = tr.get("heldout")
-        if held:
-            lines.append(f"held-out L1: operator {held['operator']['l1']:.4f}, identity {held['identity']['l1']:.4f}")
+        if isinstance(held, dict) and isinstance(held.get("operator"), dict) and isinstance(held.get("identity"), dict):
+            lines.append(f"held-out L1: operator {_number(held['operator'].get('l1'), '.4f')}, "
+                         f"identity {_number(held['identity'].get('l1'), '.4f')}")
     return "\n".join(lines)
 
 
@@ -74,7 +84,7 @@ class LatentOperatorLoader(io.ComfyNode):
     def validate_inputs(cls, operator_name) -> bool | str:
         path = folder_paths.get_full_path(FOLDER, operator_name)
         if path is None:
-            return f"operator file '{operator_name}' is not in models/{FOLDER}"
+            return f"operator file '{bounded(operator_name, 120)}' is not in models/{FOLDER}"
         try:
             read_operator_metadata(path)
         except ValueError as e:
@@ -85,25 +95,25 @@ class LatentOperatorLoader(io.ComfyNode):
     def execute(cls, operator_name) -> io.NodeOutput:
         path = folder_paths.get_full_path(FOLDER, operator_name)
         if path is None:
-            raise SiloInputError("Latent Degradation Operator", "operator_name",
-                                 f"'{operator_name}' was not found in models/{FOLDER}.",
+            raise SiloInputError(display_name(cls), "operator_name",
+                                 f"'{bounded(operator_name, 120)}' was not found in models/{FOLDER}.",
                                  "Put the file there (or in a folder listed under latent_operators in "
                                  "extra_model_paths.yaml) and press R to refresh.")
         try:
             op = load_operator(path, device="cpu")
         except ValueError as e:
-            raise SiloInputError("Latent Degradation Operator", "operator_name", str(e)) from None
+            raise SiloInputError(display_name(cls), "operator_name", str(e)) from None
         meta = {"degradation": op.degradation, "latent_format": op.latent_format, "architecture": op.architecture,
                 "training": op.training}
         return io.NodeOutput(op, ui=ui.PreviewText(describe_operator(meta)))
 
 
 def _unique_path(folder: str, name: str) -> str:
-    stem = re.sub(r"[^A-Za-z0-9_.\-/]+", "_", name.strip()).strip("/") or "latent_operator"
-    stem = stem[: -len(".safetensors")] if stem.endswith(".safetensors") else stem
-    if ".." in stem.split("/"):
-        raise SiloInputError("Train Latent Operator", "filename", "must stay inside models/latent_operators.")
-    path = os.path.join(folder, stem + ".safetensors")
+    """A free path for ``name`` (checked by the core's file-name rules) inside ``folder``; ``_2``, ``_3``… when
+    taken. Runs before training, so a bad name fails at once."""
+    relative = operator_file_name(name)
+    stem = relative[: -len(".safetensors")]
+    path = os.path.join(folder, relative)
     n = 2
     while os.path.exists(path):
         path = os.path.join(folder, f"{stem}_{n}.safetensors")
@@ -130,19 +140,10 @@ class TrainLatentOperator(io.ComfyNode):
                                                 "operator is trained in."),
                 io.Vae.Input("vae", tooltip="The checkpoint's VAE: its encoder defines the latent space."),
                 Degradation.Input("degradation", tooltip="The degradation to emulate (Degradation (SILO) node)."),
-                io.Int.Input("steps", default=1000, min=1, max=1_000_000,
-                             tooltip="Optimiser steps (the paper trained far longer; 1000-5000 is a useful start)."),
-                io.Int.Input("batch_size", default=8, min=1, max=256, tooltip="Crops per step."),
-                io.Int.Input("crop_size", default=256, min=64, max=2048, step=64,
-                             tooltip="Training crop size in pixels; images must be at least this large."),
-                io.Float.Input("learning_rate", default=2e-4, min=1e-6, max=1e-1, step=1e-5,
-                               tooltip="AdamW learning rate (cosine schedule)."),
-                io.Float.Input("max_noise_sigma", default=0.05, min=0.0, max=0.5, step=0.005,
-                               tooltip="Measurement-noise levels drawn during training, up to this std (0-1 scale)."),
-                io.Int.Input("pool_size", default=0, min=0, max=100_000,
-                             tooltip="0: fresh augmented pairs every step. N: encode N pairs once and reuse them "
-                                     "(much faster when the VAE is slow, e.g. on a CPU)."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of crops, noise and init."),
+                # steps, batch_size, crop_size, learning_rate, max_noise_sigma, pool_size, seed: declared once in
+                # the core (TrainSettings); the node offers crops in 64-px steps from 64 px (the core takes any
+                # multiple of 8 from 16, for quick tests)
+                *widget_inputs(TrainSettings, crop_size={"min": 64, "step": 64}),
                 io.String.Input("filename", default="my_operator",
                                 tooltip="File name inside models/latent_operators (.safetensors is added; an "
                                         "existing file is never overwritten)."),
@@ -155,37 +156,42 @@ class TrainLatentOperator(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, images, model, vae, degradation, steps, batch_size, crop_size, learning_rate, max_noise_sigma,
-                pool_size, seed, filename) -> io.NodeOutput:
+    def execute(cls, images, model, vae, degradation, filename, **widgets) -> io.NodeOutput:
         import comfy.model_management as mm
         import comfy.utils
 
-        node = "Train Latent Operator"
+        node = display_name(cls)
+        settings = settings_from_widgets(TrainSettings, node, **widgets)
         if images.shape[0] < 2:
             raise SiloInputError(node, "images", f"got {images.shape[0]} image; at least 2 are needed "
                                  "(one is held out for the fidelity report).", "Batch more images (e.g. a KSampler "
                                  "batch_size > 1 or Load Image Batch).")
         h, w = images.shape[1:3]
-        if min(h, w) < crop_size:
-            raise SiloInputError(node, "crop_size", f"{crop_size} px is larger than the images ({w}x{h}).",
+        if min(h, w) < settings.crop_size:
+            raise SiloInputError(node, "crop_size", f"{settings.crop_size} px is larger than the images ({w}x{h}).",
                                  "Lower crop_size or use larger images.")
-        out_path = _unique_path(folder_paths.get_folder_paths(FOLDER)[0], filename)
+        try:
+            out_path = _unique_path(folder_paths.get_folder_paths(FOLDER)[0], filename)
+        except ValueError as e:
+            raise SiloInputError(node, "filename", f"{e}.", "Change the file name; it is checked before training.") \
+                from None
+        settings = settings.replace(eval_every=max(1, min(250, settings.steps)), heldout_fraction=0.1)
         device = mm.get_torch_device()
-        pbar = comfy.utils.ProgressBar(steps)
+        pbar = comfy.utils.ProgressBar(settings.steps)
         with torch.inference_mode(False), torch.enable_grad():
             x = image_to_bchw(images, node).clone()
             try:
-                result = train_operator(
-                    make_encoder(vae, model), degradation, x, steps=steps, batch_size=batch_size,
-                    crop_size=crop_size, lr=learning_rate, sigma_range=(0.0, max_noise_sigma),
-                    pool_size=pool_size or None, seed=seed, eval_every=max(1, min(250, steps)),
-                    heldout_fraction=0.1, device=device, should_stop=interrupt_check,
-                    progress=lambda s, n, info: pbar.update_absolute(s, n))
+                result = train_operator(make_encoder(vae, model), degradation, x, config=settings, device=device,
+                                        should_stop=interrupt_check,
+                                        progress=lambda s, n, info: pbar.update_absolute(s, n))
+            except (SettingError, TrainingDataError) as e:
+                raise SiloInputError(node, e.field, f"{e}.") from None
             except ValueError as e:
-                raise SiloInputError(node, "settings", str(e)) from None
-        result.report["checkpoint_latent_format"] = latent_format_info(model, vae)["name"]
-        save_operator(out_path, result.operator.cpu(), degradation=degradation.spec,
-                      latent_format=latent_format_info(model, vae), training=result.report)
+                raise SiloInputError(node, "degradation", f"{e}.") from None
+        latent_format = latent_format_info(model, vae)
+        result.report["checkpoint_latent_format"] = latent_format["name"]
+        save_operator(out_path, result.operator.cpu(), degradation=degradation.spec, latent_format=latent_format,
+                      training=result.report)
         op = load_operator(out_path, device="cpu")
         text = f"saved {os.path.basename(out_path)}\n{format_report(result.report)}"
         return io.NodeOutput(op, text, ui=ui.PreviewText(text))

@@ -1,18 +1,23 @@
-"""Pure-torch core: degradations, the latent operator network, its file format and its training.
+"""Pure-torch core: degradations, the measurement model, the latent operator network, its file format, training.
 
-Never imports ComfyUI; usable from plain Python as ``comfyui_silo.operators``.
+Never imports ComfyUI; usable from plain Python as ``comfyui_silo.operators``. Modules import one way:
+``text`` ← ``degradations`` ← ``physics``; ``files`` ← ``reference`` ← ``io``; ``network`` ← ``training``.
 """
 
 from .degradations import (
     DEFAULT_MEASUREMENT_NOISE,
     DEGRADATION_TYPES,
+    DEGRADATIONS,
+    INPAINT_TYPES,
     STANDARD_DEGRADATIONS,
     Degradation,
+    SpecMismatch,
     add_noise,
     build_degradation,
     describe_spec,
     spec_mismatch,
 )
+from .files import MAX_OPERATOR_PARAMETERS, latent_family, operator_file_name
 from .io import (
     ARCHITECTURES,
     FORMAT,
@@ -24,13 +29,24 @@ from .io import (
     save_operator,
 )
 from .network import LatentOperator, count_parameters, mask_to_latent
+from .physics import LATENT_CLAMP, DegradationLike, GaussianNoise, Measurement, MeasurementError
 from .reference import SiloReferenceCNN, import_reference_operator
-from .training import TrainConfig, TrainResult, TrainState, format_report, train_operator
+from .training import (
+    TrainConfig,
+    TrainingDataError,
+    TrainResult,
+    TrainSettings,
+    TrainState,
+    format_report,
+    train_operator,
+)
 
 __all__ = [
-    "ARCHITECTURES", "DEFAULT_MEASUREMENT_NOISE", "DEGRADATION_TYPES", "FORMAT", "FORMAT_VERSION",
-    "STANDARD_DEGRADATIONS", "Degradation", "LatentOperator", "LoadedOperator", "SiloReferenceCNN", "TrainConfig",
-    "TrainResult", "TrainState", "add_noise", "build_degradation", "count_parameters", "describe_spec", "format_report",
-    "import_reference_operator", "latent_format_compatible", "load_operator", "mask_to_latent",
-    "read_operator_metadata", "save_operator", "spec_mismatch", "train_operator",
+    "ARCHITECTURES", "DEFAULT_MEASUREMENT_NOISE", "DEGRADATIONS", "DEGRADATION_TYPES", "FORMAT", "FORMAT_VERSION",
+    "INPAINT_TYPES", "LATENT_CLAMP", "MAX_OPERATOR_PARAMETERS", "STANDARD_DEGRADATIONS", "Degradation",
+    "DegradationLike", "GaussianNoise", "LatentOperator", "LoadedOperator", "Measurement", "MeasurementError",
+    "SiloReferenceCNN", "SpecMismatch", "TrainConfig", "TrainResult", "TrainSettings", "TrainState",
+    "TrainingDataError", "add_noise", "build_degradation", "count_parameters", "describe_spec", "format_report",
+    "import_reference_operator", "latent_family", "latent_format_compatible", "load_operator", "mask_to_latent",
+    "operator_file_name", "read_operator_metadata", "save_operator", "spec_mismatch", "train_operator",
 ]

@@ -19,74 +19,126 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from ..config.fields import SettingError, Settings, setting
 from .degradations import Degradation, build_degradation
 from .network import LatentOperator, mask_to_latent
+from .physics import LATENT_CLAMP
 
-LATENT_CLAMP = 4.0
 _STATE_FORMAT = "comfyui-silo.train-state"
 
 
-@dataclass
-class TrainConfig:
-    steps: int = 2000
-    batch_size: int = 8
-    lr: float = 2e-4
-    weight_decay: float = 1e-4
-    lr_schedule: str = "cosine"  # "cosine" | "constant"
-    warmup_steps: int = 50
-    loss: str = "l1"  # "l1" | "l2"
-    crop_size: int = 256
-    crop_scale: tuple[float, float] = (0.75, 1.0)
-    hflip: bool = True
-    vflip: bool = True
-    color_jitter: float = 0.05
-    sigma_range: tuple[float, float] = (0.0, 0.05)
-    ema_decay: float | None = None
-    eval_every: int = 100
-    heldout_fraction: float = 0.1
-    heldout_sigma: float = 0.01
-    grad_clip: float | None = 1.0
-    seed: int = 0
+class TrainingDataError(ValueError):
+    """Training data that cannot be used (checked before any training); ``field`` names it (``"images"``,
+    ``"heldout_images"``, ``"degradation"``)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass(frozen=True)
+class TrainSettings(Settings):
+    """Every setting of an operator training run, declared once.
+
+    The Train Latent Operator node shows the fields marked as widgets (in this order: ``steps`` … ``seed``); the
+    ``train-operator`` command line offers every field as ``--name``. The node's default of 1000 steps is the
+    default everywhere (it was 2000 in the core and the command line before, 1000 on the node).
+    """
+
+    OWNER: ClassVar[str] = "training"
+
+    steps: int = setting(1000, min=1, max=1_000_000,
+                         tooltip="Optimiser steps (the paper trained far longer; 1000-5000 is a useful start).")
+    batch_size: int = setting(8, min=1, max=256, tooltip="Crops per step.")
+    crop_size: int = setting(256, min=16, max=2048, step=8,
+                             tooltip="Training crop size in pixels; images must be at least this large.")
+    learning_rate: float = setting(2e-4, min=1e-6, max=1e-1, step=1e-5, tooltip="AdamW learning rate (cosine schedule).")
+    max_noise_sigma: float = setting(0.05, min=0.0, max=0.5, step=0.005,
+                                     tooltip="Measurement-noise levels drawn during training, up to this std "
+                                             "(0-1 scale).")
     # Latent cache: encode this many augmented (input, target) pairs once and train on minibatches drawn from them.
     # Much faster with slow encoders (a VAE on a CPU), at the price of less augmentation. None: fresh pairs each step.
-    pool_size: int | None = None
+    pool_size: int | None = setting(None, none_as=0, min=1, max=100_000,
+                                    tooltip="0: fresh augmented pairs every step. N: encode N pairs once and reuse "
+                                            "them (much faster when the VAE is slow, e.g. on a CPU).")
+    seed: int = setting(0, min=0, max=2**31 - 1, tooltip="Seed of crops, noise and init.")
+    # ---- command line / Python only
+    min_noise_sigma: float = setting(0.0, min=0.0, max=0.5, widget=False,
+                                     tooltip="Lowest measurement-noise std drawn during training (0-1 scale).")
+    weight_decay: float = setting(1e-4, min=0.0, max=1.0, widget=False, tooltip="AdamW weight decay.")
+    lr_schedule: str = setting("cosine", choices=("cosine", "constant"), widget=False,
+                               tooltip="Learning-rate schedule after the warm-up.")
+    warmup_steps: int = setting(50, min=0, max=1_000_000, widget=False, tooltip="Linear learning-rate warm-up steps.")
+    loss: str = setting("l1", choices=("l1", "l2"), widget=False, tooltip="Training loss (the paper: L1).")
+    crop_scale_min: float = setting(0.75, min=0.01, max=1.0, widget=False,
+                                    tooltip="Smallest random crop, as a fraction of the image's shorter side squared.")
+    crop_scale_max: float = setting(1.0, min=0.01, max=1.0, widget=False,
+                                    tooltip="Largest random crop, as a fraction of the image's shorter side squared.")
+    hflip: bool = setting(True, widget=False, tooltip="Random horizontal flips.")
+    vflip: bool = setting(True, widget=False, tooltip="Random vertical flips.")
+    color_jitter: float = setting(0.05, min=0.0, max=0.5, widget=False,
+                                  tooltip="Brightness/contrast/saturation jitter amplitude.")
+    ema_decay: float | None = setting(None, none_as=0.0, min=0.0, max=1.0, widget=False,
+                                      tooltip="EMA decay of the weights, e.g. 0.999")
+    eval_every: int = setting(100, min=1, max=1_000_000, widget=False, tooltip="Held-out evaluation every N steps.")
+    heldout_fraction: float = setting(0.1, min=0.0, max=0.9, widget=False,
+                                      tooltip="Fraction of the images held out for the fidelity report.")
+    heldout_sigma: float = setting(0.01, min=0.0, max=0.5, widget=False,
+                                   tooltip="Measurement-noise std of the held-out pairs.")
+    grad_clip: float | None = setting(1.0, none_as=0.0, min=0.0, max=1e6, widget=False,
+                                      tooltip="Gradient-norm clip")
 
     def validate(self) -> None:
-        def bad(field_name, expected, value):
-            raise ValueError(f"training option '{field_name}' must be {expected}, got {value!r}")
-
-        if self.steps < 1:
-            bad("steps", "at least 1", self.steps)
-        if self.batch_size < 1:
-            bad("batch_size", "at least 1", self.batch_size)
-        if not self.lr > 0:
-            bad("lr", "a positive number", self.lr)
-        if self.lr_schedule not in ("cosine", "constant"):
-            bad("lr_schedule", "'cosine' or 'constant'", self.lr_schedule)
-        if self.loss not in ("l1", "l2"):
-            bad("loss", "'l1' or 'l2'", self.loss)
-        if self.crop_size < 16 or self.crop_size % 8:
-            bad("crop_size", "a multiple of 8 of at least 16 pixels", self.crop_size)
-        lo, hi = self.sigma_range
-        if not 0 <= lo <= hi:
-            bad("sigma_range", "(low, high) with 0 <= low <= high", self.sigma_range)
+        if self.crop_size % 8:
+            raise SettingError("crop_size", f"training setting 'crop_size' must be a multiple of 8, "
+                                            f"got {self.crop_size}")
+        if self.min_noise_sigma > self.max_noise_sigma:
+            raise SettingError("min_noise_sigma", f"training setting 'min_noise_sigma' ({self.min_noise_sigma}) must "
+                                                  f"not exceed 'max_noise_sigma' ({self.max_noise_sigma})")
+        if self.crop_scale_min > self.crop_scale_max:
+            raise SettingError("crop_scale_min", f"training setting 'crop_scale_min' ({self.crop_scale_min}) must "
+                                                 f"not exceed 'crop_scale_max' ({self.crop_scale_max})")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
-            bad("ema_decay", "None or a number in (0, 1)", self.ema_decay)
-        if not 0 <= self.heldout_fraction < 1:
-            bad("heldout_fraction", "in [0, 1)", self.heldout_fraction)
+            raise SettingError("ema_decay", f"training setting 'ema_decay' must be off or in (0, 1), "
+                                            f"got {self.ema_decay}")
         if self.pool_size is not None and self.pool_size < self.batch_size:
-            bad("pool_size", "None or at least batch_size", self.pool_size)
+            raise SettingError("pool_size", f"training setting 'pool_size' ({self.pool_size}) must be off (0) or "
+                                            f"at least batch_size ({self.batch_size})")
 
-    def to_dict(self) -> dict:
-        d = dict(self.__dict__)
-        d["crop_scale"] = list(self.crop_scale)
-        d["sigma_range"] = list(self.sigma_range)
-        return d
+    @property
+    def crop_scale(self) -> tuple[float, float]:
+        return self.crop_scale_min, self.crop_scale_max
+
+    @property
+    def sigma_range(self) -> tuple[float, float]:
+        return self.min_noise_sigma, self.max_noise_sigma
+
+    @classmethod
+    def from_legacy(cls, values: dict, base: TrainSettings | None = None) -> TrainSettings:
+        """Settings from keyword values, accepting the names of the earlier ``TrainConfig`` (``lr``, ``sigma_range``,
+        ``crop_scale``), as resume files written by it hold them."""
+        values = dict(values)
+        if "lr" in values:
+            values["learning_rate"] = values.pop("lr")
+        for old, (lo, hi) in (("sigma_range", ("min_noise_sigma", "max_noise_sigma")),
+                              ("crop_scale", ("crop_scale_min", "crop_scale_max"))):
+            if old in values:
+                pair = values.pop(old)
+                if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+                    raise SettingError(old, f"training setting '{old}' must be (low, high), got {pair!r}")
+                values[lo], values[hi] = pair
+        merged = {**(base.widget_values() if base is not None else {}), **values}
+        return cls.from_values(merged)
+
+
+#: The earlier name of :class:`TrainSettings`.
+TrainConfig = TrainSettings
 
 
 @dataclass
@@ -149,22 +201,28 @@ class TrainState:
 
 # ----------------------------------------------------------------------------------------------- data
 
-def _as_image_list(images) -> list[torch.Tensor]:
+def _as_image_list(images, field: str = "images") -> list[torch.Tensor]:
+    """[N,3,H,W] tensor or list of [3,H,W] / [1,3,H,W] tensors -> list of [3,H,W]; NaN/inf refused here, before any
+    training (a non-finite pixel would make every loss NaN, found only after the run)."""
     if torch.is_tensor(images):
         if images.ndim == 3:
             images = images[None]
         if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must be [N,3,H,W] (values 0-1), got shape {tuple(images.shape)}")
-        return [im for im in images]
+            raise TrainingDataError(field, f"images must be [N,3,H,W] (values 0-1), got shape {tuple(images.shape)}")
+        images = list(images)
     out = []
     for i, im in enumerate(images):
         if im.ndim == 4 and im.shape[0] == 1:
             im = im[0]
         if im.ndim != 3 or im.shape[0] != 3:
-            raise ValueError(f"image {i} must be [3,H,W] (values 0-1), got shape {tuple(im.shape)}")
+            raise TrainingDataError(field, f"image {i} must be [3,H,W] (values 0-1), got shape {tuple(im.shape)}")
+        bad = int((~torch.isfinite(im)).sum())
+        if bad:
+            raise TrainingDataError(field, f"training image {i} has {bad} NaN or infinite value(s); every pixel must "
+                                           "be a number in 0-1")
         out.append(im)
     if not out:
-        raise ValueError("no training images were given")
+        raise TrainingDataError(field, "no training images were given")
     return out
 
 
@@ -185,7 +243,7 @@ def random_crop(image: torch.Tensor, size: int, scale: tuple[float, float], g: t
     return crop[0]
 
 
-def augment(crop: torch.Tensor, cfg: TrainConfig, g: torch.Generator) -> torch.Tensor:
+def augment(crop: torch.Tensor, cfg: TrainSettings, g: torch.Generator) -> torch.Tensor:
     if cfg.hflip and float(torch.rand((), generator=g)) < 0.5:
         crop = crop.flip(-1)
     if cfg.vflip and float(torch.rand((), generator=g)) < 0.5:
@@ -224,18 +282,21 @@ def center_crops(images: Sequence[torch.Tensor], size: int, per_image: int = 1, 
 
 
 def _training_degradation(degradation: Degradation, batch: int, size: int, g: torch.Generator) -> Degradation:
-    """For user-drawn masks (mask_inpaint) train on random rectangles, so the operator generalises to any mask."""
-    if degradation.spec["type"] != "mask_inpaint":
+    """The degradation of a batch of ``size``-pixel training crops.
+
+    A degradation whose mask the user drew (``needs_mask``: mask_inpaint) is trained with that mask: it is resized
+    to the crop (area average, then >= 0.5, as the degradation binarises masks; a non-square mask is stretched to
+    the square crop), and a batch of masks gives each crop one of them drawn at random. Earlier versions drew random
+    rectangles instead and ignored the mask. The operator still takes the mask as an input, so it also serves other
+    masks, but it is fitted to the one the user gave.
+    """
+    if not degradation.needs_mask:
         return degradation
-    mask = torch.zeros(batch, 1, size, size)
-    for b in range(batch):
-        for _ in range(int(torch.randint(1, 4, (), generator=g))):
-            hh = int(size * _uniform(g, 0.15, 0.6))
-            ww = int(size * _uniform(g, 0.15, 0.6))
-            top = int(torch.randint(0, size - hh + 1, (), generator=g))
-            left = int(torch.randint(0, size - ww + 1, (), generator=g))
-            mask[b, :, top:top + hh, left:left + ww] = 1
-    return build_degradation({"type": "mask_inpaint"}, mask=mask)
+    masks = degradation.mask  # [M,1,H,W] binary, M = the mask batch
+    if tuple(masks.shape[-2:]) != (size, size):
+        masks = (F.interpolate(masks.float(), size=(size, size), mode="area") >= 0.5).float()
+    pick = torch.randint(0, masks.shape[0], (batch,), generator=g) if masks.shape[0] > 1 else torch.zeros(batch).long()
+    return build_degradation({"type": degradation.type_name}, mask=masks[pick])
 
 
 def make_pairs(encode: Callable[[torch.Tensor], torch.Tensor], degradation: Degradation, x: torch.Tensor,
@@ -283,13 +344,13 @@ def prepare_heldout(encode, degradation: Degradation, images: Sequence[torch.Ten
 
 # ------------------------------------------------------------------------------------------ training
 
-def _lr_at(cfg: TrainConfig, step: int) -> float:
+def _lr_at(cfg: TrainSettings, step: int) -> float:
     if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
+        return cfg.learning_rate * (step + 1) / cfg.warmup_steps
     if cfg.lr_schedule == "constant":
-        return cfg.lr
+        return cfg.learning_rate
     t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+    return cfg.learning_rate * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
 
 
 def train_operator(
@@ -297,7 +358,7 @@ def train_operator(
     degradation: Degradation | dict,
     images,
     *,
-    config: TrainConfig | None = None,
+    config: TrainSettings | None = None,
     operator: LatentOperator | None = None,
     operator_config: dict | None = None,
     heldout_images=None,
@@ -314,7 +375,8 @@ def train_operator(
         encode: image [B,3,H,W] in [0,1] → latent [B,C,H/8,W/8] in the sampler's (scaled) latent space.
         degradation: a :class:`Degradation` or its spec.
         images: [N,3,H,W] tensor or a list of [3,H,W] tensors (sizes may differ), values in [0,1].
-        config / overrides: :class:`TrainConfig` fields (``steps=500, batch_size=4`` ...).
+        config / overrides: :class:`TrainSettings`, and/or its fields as keywords (``steps=500, batch_size=4``;
+            a widget's "off" value such as ``pool_size=0`` means None). Checked before anything else.
         operator: start from this operator (default: a fresh identity operator; masks if the degradation has one).
         operator_config: :class:`LatentOperator` arguments for the fresh operator (initialised from ``seed``).
         heldout_images: images for the held-out evaluation; default: ``heldout_fraction`` of ``images``.
@@ -325,18 +387,13 @@ def train_operator(
     Returns:
         :class:`TrainResult` with the operator (EMA weights when EMA is on), a JSON-able report and the final state.
     """
-    cfg = copy.deepcopy(config) if config is not None else TrainConfig()
-    for k, v in overrides.items():
-        if not hasattr(cfg, k):
-            raise ValueError(f"unknown training option '{k}'")
-        setattr(cfg, k, v)
+    cfg = TrainSettings.from_legacy(overrides, base=config if config is not None else TrainSettings())
     if isinstance(resume, (str, Path)):
         resume = TrainState.load(resume)
-    if resume is not None:
-        for k, v in resume.config.items():
-            if k not in ("steps", "eval_every"):
-                setattr(cfg, k, tuple(v) if isinstance(v, list) else v)
-    cfg.validate()
+    if resume is not None:  # a resumed run keeps the stored settings, except how long it runs and how often it reports
+        known = {s.name for s in TrainSettings.specs()} | {"lr", "sigma_range", "crop_scale"}
+        stored = {k: v for k, v in resume.config.items() if k in known and k not in ("steps", "eval_every")}
+        cfg = TrainSettings.from_legacy(stored, base=cfg)
     if isinstance(degradation, dict):
         degradation = build_degradation(degradation)
 
@@ -347,16 +404,17 @@ def train_operator(
             n_held = max(1, n_held)
         held, imgs = imgs[len(imgs) - n_held:], imgs[: len(imgs) - n_held]
     else:
-        held = _as_image_list(heldout_images)
+        held = _as_image_list(heldout_images, "heldout_images")
     if not imgs:
         raise ValueError("no training images left after holding some out; give more images or heldout_fraction=0")
     small = [tuple(im.shape[-2:]) for im in imgs if min(im.shape[-2:]) < cfg.crop_size * cfg.crop_scale[0] ** 0.5 / 2]
     if small:
-        raise ValueError(f"training images of size {small[0]} are too small for crop_size {cfg.crop_size}; "
+        raise TrainingDataError("images", f"training images of size {small[0]} are too small for crop_size "
+                                f"{cfg.crop_size}; "
                          "use larger images or a smaller crop_size")
 
     device = torch.device(device)
-    use_mask = degradation.spec["type"] in ("box_inpaint", "random_box_inpaint", "mask_inpaint")
+    use_mask = degradation.is_inpainting
     if operator is None:
         probe = encode(torch.zeros(1, 3, cfg.crop_size, cfg.crop_size, device=device))
         kwargs = {"latent_channels": probe.shape[1], "use_mask": use_mask, **(operator_config or {})}
@@ -370,7 +428,7 @@ def train_operator(
     if ema is not None:
         for p in ema.parameters():
             p.requires_grad_(False)
-    opt = torch.optim.AdamW(operator.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(operator.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     start, curve = 0, []
     if resume is not None:
         operator.load_state_dict(resume.operator)
@@ -387,7 +445,7 @@ def train_operator(
     def snapshot(step: int) -> TrainState:
         return TrainState(step=step, operator={k: v.detach().clone() for k, v in operator.state_dict().items()},
                           ema=None if ema is None else {k: v.detach().clone() for k, v in ema.state_dict().items()},
-                          optimizer=copy.deepcopy(opt.state_dict()), config=cfg.to_dict(), curve=list(curve))
+                          optimizer=copy.deepcopy(opt.state_dict()), config=cfg.as_dict(), curve=list(curve))
 
     def record(step: int, train_loss: float) -> dict | None:
         if heldout is None:
@@ -477,7 +535,7 @@ def train_operator(
         "curve": curve,
         "seconds": round(time.time() - t0, 2),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "config": cfg.to_dict(),
+        "config": cfg.as_dict(),
     }
     if last_eval is not None:
         op_l1 = last_eval["operator"]["l1"]

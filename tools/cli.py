@@ -10,7 +10,9 @@ from pathlib import Path
 
 import torch
 
+from ..config.fields import add_cli_arguments
 from ..operators.degradations import STANDARD_DEGRADATIONS, build_degradation
+from ..operators.training import TrainSettings
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
@@ -63,20 +65,38 @@ def load_image_folder(folder: str, limit: int | None = None) -> list[torch.Tenso
     return images
 
 
+def training_settings(args):
+    """The :class:`TrainSettings` the command line asked for, checked before anything is loaded."""
+    from ..config import SettingError
+    from ..operators.training import TrainSettings
+
+    try:
+        return TrainSettings.from_cli(args)
+    except SettingError as e:
+        raise SystemExit(f"error: --{e.field.replace('_', '-')}: {e}") from None
+
+
 def cmd_train_operator(args) -> int:
+    from ..operators.files import check_output_path
+
+    settings = training_settings(args)
+    spec = parse_degradation(args.degradation)
+    try:
+        out = check_output_path(args.out)
+    except ValueError as e:
+        raise SystemExit(f"error: --out: {e}") from None
+    images = load_image_folder(args.images, args.max_images)
     bootstrap_host(args.comfyui, cpu=args.cpu)
     import comfy.sd
 
     from ..nodes.host import latent_format_info, make_encoder
     from ..operators.io import save_operator
-    from ..operators.training import format_report, train_operator
+    from ..operators.training import TrainingDataError, format_report, train_operator
 
-    spec = parse_degradation(args.degradation)
-    images = load_image_folder(args.images, args.max_images)
     print(f"{len(images)} images from {args.images}; degradation {json.dumps(spec)}")
-    out = comfy.sd.load_checkpoint_guess_config(args.checkpoint, output_vae=True, output_clip=False,
-                                                embedding_directory=None)
-    model, vae = out[0], out[2]
+    out_ckpt = comfy.sd.load_checkpoint_guess_config(args.checkpoint, output_vae=True, output_clip=False,
+                                                     embedding_directory=None)
+    model, vae = out_ckpt[0], out_ckpt[2]
     if vae is None:
         raise SystemExit(f"error: {args.checkpoint} has no VAE")
     encode = make_encoder(vae, model)
@@ -84,7 +104,7 @@ def cmd_train_operator(args) -> int:
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=args.steps, desc="training", unit="step")
+    bar = tqdm(total=settings.steps, desc="training", unit="step")
 
     def progress(step, total, info):
         if info.get("phase") == "encoding":
@@ -98,16 +118,17 @@ def cmd_train_operator(args) -> int:
         bar.set_postfix_str(post)
         bar.refresh()
 
-    result = train_operator(encode, spec, images, steps=args.steps, batch_size=args.batch_size,
-                            crop_size=args.crop_size, lr=args.lr, seed=args.seed, pool_size=args.pool_size,
-                            ema_decay=args.ema, eval_every=args.eval_every, resume=args.resume,
-                            state_path=args.state, progress=progress)
+    try:
+        result = train_operator(encode, spec, images, config=settings, resume=args.resume, state_path=args.state,
+                                progress=progress)
+    except TrainingDataError as e:
+        raise SystemExit(f"error: --images: {e}") from None
     bar.close()
     result.report["checkpoint"] = Path(args.checkpoint).name
-    save_operator(args.out, result.operator, degradation=build_degradation(spec).spec, latent_format=latent_format,
+    save_operator(out, result.operator, degradation=build_degradation(spec).spec, latent_format=latent_format,
                   training=result.report)
     print(format_report(result.report))
-    print(f"wrote {args.out}")
+    print(f"wrote {out}")
     return 0
 
 
@@ -197,16 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"one of {', '.join(STANDARD_DEGRADATIONS)} or a JSON spec")
     t.add_argument("--out", required=True, help="operator file to write (.safetensors), e.g. "
                                                 "ComfyUI/models/latent_operators/blur_sd15.safetensors")
-    t.add_argument("--steps", type=int, default=2000)
-    t.add_argument("--batch-size", type=int, default=8)
-    t.add_argument("--crop-size", type=int, default=256, help="training crop size in pixels (multiple of 8)")
-    t.add_argument("--lr", type=float, default=2e-4)
-    t.add_argument("--ema", type=float, default=None, help="EMA decay of the weights, e.g. 0.999 (default off)")
-    t.add_argument("--pool-size", type=int, default=None,
-                   help="encode this many training pairs once and reuse them (fast on CPU; default: fresh pairs)")
-    t.add_argument("--eval-every", type=int, default=100)
-    t.add_argument("--max-images", type=int, default=None)
-    t.add_argument("--seed", type=int, default=0)
+    # every training setting, from its one declaration (TrainSettings): --steps, --batch-size, --learning-rate, ...
+    add_cli_arguments(t, TrainSettings)
+    t.add_argument("--lr", dest="learning_rate", type=float, default=None, help=argparse.SUPPRESS)  # earlier name
+    t.add_argument("--max-images", type=int, default=None, help="use at most this many images of the folder")
     t.add_argument("--state", default=None, help="save a resumable training state here")
     t.add_argument("--resume", default=None, help="resume from a state saved with --state")
     t.add_argument("--comfyui", default=default_comfyui_path(), help="ComfyUI checkout (default $COMFYUI_PATH)")

@@ -48,3 +48,17 @@ def test_cli_rejects_a_bad_degradation_with_a_clear_message(tmp_path, host_avail
                            "--comfyui", str(host_available)], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "--degradation must be one of" in proc.stderr
+
+
+def test_cli_checks_settings_and_the_output_name_before_loading_anything(tmp_path, host_available):
+    base = [sys.executable, "-m", "comfyui_silo", "train-operator", "--checkpoint", "missing.safetensors",
+            "--images", str(tmp_path), "--comfyui", str(host_available)]
+    proc = subprocess.run(base + ["--out", str(tmp_path / ("a" * 300 + ".safetensors"))], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode != 0 and "--out:" in proc.stderr and "at most 100" in proc.stderr
+    proc = subprocess.run(base + ["--out", str(tmp_path / "o.safetensors"), "--pool-size", "2"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode != 0 and "--pool-size" in proc.stderr and "at least batch_size" in proc.stderr
+    proc = subprocess.run(base[:4] + ["--help"], capture_output=True, text=True, timeout=120)
+    text = " ".join(proc.stdout.split())
+    assert "--learning-rate" in text and "(default 1000," in text, "one declaration, the node's default of 1000"

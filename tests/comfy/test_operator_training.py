@@ -31,14 +31,17 @@ def test_operator_trained_on_the_random_sd15_vae_beats_trivial_baselines(comfy_h
     bridge = _host_module(comfy_host, "nodes.host")
     model, _clip, vae = sd15_small
     encode = bridge.make_encoder(vae, model)
-    # Inpainting with user-style masks (random rectangles during training): the random VAE's latents of the
-    # missing region are predictable, so the operator can show what it learned. (With random VAE weights a
-    # blur is barely predictable from E(x): an operator stays near the identity's error; see the issue notes.)
-    deg = build_degradation({"type": "mask_inpaint"}, mask=torch.zeros(1, 1, 64, 64))
+    # Inpainting with a user-drawn mask (two painted regions; training uses that mask, resized to the crops): the
+    # random VAE's latents of the missing region are predictable, so the operator can show what it learned. (With
+    # random VAE weights a blur is barely predictable from E(x): an operator stays near the identity's error.)
+    mask = torch.zeros(1, 1, 64, 64)
+    mask[..., 16:40, 8:30] = 1
+    mask[..., 40:56, 36:60] = 1
+    deg = build_degradation({"type": "mask_inpaint"}, mask=mask)
     imgs = photos()
-    res = train_operator(encode, deg, imgs, steps=300, batch_size=8, pool_size=192, crop_size=64, lr=1e-3,
-                         crop_scale=(0.02, 0.2), sigma_range=(0.0, 0.01), eval_every=150, heldout_fraction=0.25,
-                         seed=0, operator_config={"width": 32})
+    res = train_operator(encode, deg, imgs, steps=300, batch_size=8, pool_size=192, crop_size=64, learning_rate=1e-3,
+                         crop_scale_min=0.02, crop_scale_max=0.2, max_noise_sigma=0.01, eval_every=150,
+                         heldout_fraction=0.25, seed=0, operator_config={"width": 32})
     ev = res.report["heldout"]
     best = min(ev["identity"]["l1"], ev["naive_latent"]["l1"])
     assert ev["operator"]["l1"] < 0.85 * best, format_report(res.report)
@@ -112,3 +115,90 @@ def test_training_node_explains_bad_settings(comfy_host, sd15_small):
         comfy_host.run_node("SILOTrainLatentOperator", images=torch.rand(1, 64, 64, 3), model=model, vae=vae,
                             degradation=deg, steps=1, batch_size=1, crop_size=64, learning_rate=1e-3,
                             max_noise_sigma=0.0, pool_size=0, seed=0, filename="x")
+
+
+BLUR_WIDGETS = dict(blur_kernel_size=61, blur_sigma=3.0, sr_factor=4, box_top=0, box_left=0, box_height=8, box_width=8,
+                    random_box_size=16, random_box_seed=0, jpeg_quality=10)
+
+
+def test_degradation_node_builds_each_type_from_its_declared_widgets(comfy_host):
+    from comfyui_silo.operators.degradations import DEGRADATIONS
+
+    for cls in DEGRADATIONS:
+        if cls.needs_mask:
+            (deg,) = comfy_host.run_node("SILODegradation", type=cls.type_name, mask=torch.ones(1, 8, 8),
+                                         **BLUR_WIDGETS)
+        else:
+            (deg,) = comfy_host.run_node("SILODegradation", type=cls.type_name, **BLUR_WIDGETS)
+        assert deg.type_name == cls.type_name
+        for spec in cls.field_specs():
+            if spec.widget:
+                assert deg.spec[spec.name] == BLUR_WIDGETS[cls.widget_prefix + spec.name]
+    with pytest.raises(ValueError, match=r"Degradation \(SILO\): input 'blur_kernel_size'.*odd"):
+        comfy_host.run_node("SILODegradation", type="gaussian_blur", **dict(BLUR_WIDGETS, blur_kernel_size=60))
+    with pytest.raises(ValueError, match=r"input 'mask'.*needs a mask"):
+        comfy_host.run_node("SILODegradation", type="mask_inpaint", **BLUR_WIDGETS)
+
+
+def _train(comfy_host, sd15_small, **changes):
+    model, _clip, vae = sd15_small
+    (deg,) = comfy_host.run_node("SILODegradation", type="gaussian_blur", **BLUR_WIDGETS)
+    kw = dict(images=torch.rand(2, 64, 64, 3), model=model, vae=vae, degradation=deg, steps=1_000_000, batch_size=1,
+              crop_size=64, learning_rate=1e-3, max_noise_sigma=0.0, pool_size=0, seed=0, filename="never_written")
+    kw.update(changes)
+    return comfy_host.run_node("SILOTrainLatentOperator", **kw)
+
+
+@pytest.mark.parametrize(("filename", "why"), [(".", "'.'"), ("a" * 300, "300 characters long"),
+                                               ("..", "'..'"), ("sub/.hidden", "starts with '.'")])
+def test_training_node_checks_the_file_name_before_training(comfy_host, sd15_small, filename, why):
+    import folder_paths
+
+    folder = Path(folder_paths.get_folder_paths("latent_operators")[0])
+    before = sorted(folder.rglob("*"))
+    # 1,000,000 steps: were the name checked after training, this test would never end
+    with pytest.raises(ValueError, match=rf"Train Latent Operator: input 'filename':.*{why}") as exc:
+        _train(comfy_host, sd15_small, filename=filename)
+    assert len(str(exc.value)) < 500
+    assert sorted(folder.rglob("*")) == before
+
+
+def test_training_node_refuses_non_finite_images_before_training(comfy_host, sd15_small):
+    images = torch.rand(2, 64, 64, 3)
+    images[1, 3, 3, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"Train Latent Operator: input 'images':.*training image 1 has 1 NaN"):
+        _train(comfy_host, sd15_small, images=images)
+
+
+def test_loader_bounds_file_strings_and_refuses_nan_weights(comfy_host):
+    import json
+
+    import folder_paths
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from comfyui_silo.operators.io import save_operator
+    from comfyui_silo.operators.network import LatentOperator
+
+    folder = Path(folder_paths.get_folder_paths("latent_operators")[0])
+    path = save_operator(folder / "huge_strings.safetensors", LatentOperator(width=8),
+                         degradation={"type": "gaussian_blur", "sigma": 3.0},
+                         latent_format={"name": "SD15", "latent_channels": 4, "scale_factor": 0.18215})
+    with safe_open(str(path), "pt") as f:
+        meta = dict(f.metadata())
+    tensors = load_file(str(path))
+    huge = "Z" * 2_000_000  # six of them stay under the 16 MiB header limit
+    meta.update(degradation=json.dumps({"type": huge}), created_by=huge,
+                latent_format=json.dumps({"name": huge, "latent_channels": 4, "scale_factor": 0.18215}),
+                training=json.dumps({"steps": huge, "date": huge, "heldout": {"operator": {"l1": huge}}}))
+    save_file(tensors, str(path), metadata=meta)
+    comfy_host.run_node("SILOLatentOperatorLoader", operator_name="huge_strings.safetensors")
+    text = comfy_host.last_ui["text"][0]
+    assert len(text) < 2000 and "ZZZZ" in text
+    tensors["stem.weight"][0, 0, 0, 0] = float("nan")
+    save_file(tensors, str(path), metadata=meta)
+    with pytest.raises(ValueError, match=r"operator_name.*huge_strings.safetensors: its weight 'stem.weight' holds "
+                                         r"1 NaN") as exc:
+        comfy_host.run_node("SILOLatentOperatorLoader", operator_name="huge_strings.safetensors")
+    assert len(str(exc.value)) < 1000
+    path.unlink()

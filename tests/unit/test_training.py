@@ -9,7 +9,14 @@ from skimage import data as skdata
 
 from comfyui_silo.operators.degradations import build_degradation
 from comfyui_silo.operators.network import LatentOperator
-from comfyui_silo.operators.training import TrainConfig, TrainState, format_report, train_operator
+from comfyui_silo.operators.training import (
+    TrainingDataError,
+    TrainSettings,
+    TrainState,
+    _training_degradation,
+    format_report,
+    train_operator,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -76,13 +83,35 @@ def test_trained_blur_operator_beats_both_trivial_baselines(imgs, encoder):
     assert not any(p.requires_grad for p in res.operator.parameters())
 
 
+def _centre_mask(size: int = 64) -> torch.Tensor:
+    m = torch.zeros(1, 1, size, size)
+    m[..., size // 4: 3 * size // 4, size // 4: 3 * size // 4] = 1
+    return m
+
+
 def test_inpainting_operator_uses_the_mask_and_beats_baselines(imgs, encoder):
-    deg = build_degradation({"type": "mask_inpaint"}, mask=torch.zeros(1, 1, 64, 64))
+    deg = build_degradation({"type": "mask_inpaint"}, mask=_centre_mask(128))
     res = train_operator(encoder, deg, imgs, steps=200, batch_size=8, crop_size=64, lr=2e-3, eval_every=200,
                          heldout_fraction=0.25, seed=1, operator=LatentOperator(width=32, use_mask=True))
     assert res.operator.use_mask
     ev = res.report["heldout"]
     assert ev["operator"]["l1"] < 0.8 * min(ev["identity"]["l1"], ev["naive_latent"]["l1"]), format_report(res.report)
+
+
+def test_mask_inpaint_trains_with_the_users_mask_not_random_rectangles():
+    g = torch.Generator().manual_seed(0)
+    deg = build_degradation({"type": "mask_inpaint"}, mask=_centre_mask(128))
+    crops = _training_degradation(deg, 5, 64, g)
+    m = crops.pixel_mask((5, 3, 64, 64))
+    assert torch.equal(m, _centre_mask(64).expand(5, -1, -1, -1)), "each crop gets the user's mask, resized"
+    # a batch of masks: each crop gets one of them
+    two = torch.cat([_centre_mask(128), torch.zeros(1, 1, 128, 128)])
+    m = _training_degradation(build_degradation({"type": "mask_inpaint"}, mask=two), 16, 64, g).pixel_mask(
+        (16, 3, 64, 64))
+    sums = {float(s) for s in m.flatten(1).sum(1)}
+    assert sums == {0.0, 32.0 * 32.0}
+    box = build_degradation({"type": "box_inpaint", "top": 0, "left": 0, "height": 8, "width": 8})
+    assert _training_degradation(box, 2, 64, g) is box, "only caller-drawn masks are replaced per crop"
 
 
 def test_same_seed_same_operator_and_exact_resume(imgs, encoder, tmp_path):
@@ -142,12 +171,17 @@ def test_progress_and_interrupt(imgs, encoder):
 
 @pytest.mark.parametrize(("opts", "field"), [
     ({"steps": 0}, "steps"), ({"loss": "huber"}, "loss"), ({"crop_size": 30}, "crop_size"),
-    ({"lr_schedule": "step"}, "lr_schedule"), ({"sigma_range": (0.1, 0.0)}, "sigma_range"),
+    ({"lr_schedule": "step"}, "lr_schedule"), ({"min_noise_sigma": 0.1, "max_noise_sigma": 0.0}, "min_noise_sigma"),
+    ({"sigma_range": (0.1, 0.0)}, "min_noise_sigma"), ({"learning_rate": 0.0}, "learning_rate"),
     ({"pool_size": 1, "batch_size": 4}, "pool_size"), ({"not_an_option": 1}, "not_an_option"),
+    ({"ema_decay": 1.0}, "ema_decay"),
 ])
 def test_bad_options_name_the_field(imgs, encoder, opts, field):
-    with pytest.raises(ValueError, match=field):
-        train_operator(encoder, {"type": "identity"}, imgs, **opts)
+    calls = []
+    with pytest.raises(ValueError, match=field) as info:
+        train_operator(lambda x: calls.append(x) or encoder(x), {"type": "identity"}, imgs, **opts)
+    assert getattr(info.value, "field", field) == field
+    assert not calls, "settings are checked before anything is encoded"
 
 
 def test_images_too_small_for_the_crop_are_refused(encoder):
@@ -155,7 +189,46 @@ def test_images_too_small_for_the_crop_are_refused(encoder):
         train_operator(encoder, {"type": "identity"}, torch.rand(3, 3, 40, 40), crop_size=256, heldout_fraction=0)
 
 
-def test_config_round_trips():
-    cfg = TrainConfig(steps=3, sigma_range=(0.0, 0.02))
-    d = cfg.to_dict()
-    assert d["sigma_range"] == [0.0, 0.02] and d["steps"] == 3
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_training_images_are_refused_before_training(encoder, bad):
+    images = torch.rand(3, 3, 64, 64)
+    images[1, 0, 5, 5] = bad
+    calls = []
+    with pytest.raises(TrainingDataError, match="training image 1 has 1 NaN or infinite") as info:
+        train_operator(lambda x: calls.append(x) or encoder(x), {"type": "identity"}, images, crop_size=32)
+    assert info.value.field == "images" and not calls
+    with pytest.raises(TrainingDataError, match="NaN") as info:
+        train_operator(encoder, {"type": "identity"}, torch.rand(3, 3, 64, 64), crop_size=32, heldout_images=images)
+    assert info.value.field == "heldout_images"
+
+
+def test_settings_declared_once_round_trip_and_defaults():
+    cfg = TrainSettings(steps=3, min_noise_sigma=0.0, max_noise_sigma=0.02)
+    d = cfg.as_dict()
+    assert d["max_noise_sigma"] == 0.02 and d["steps"] == 3 and cfg.sigma_range == (0.0, 0.02)
+    assert TrainSettings.from_values(cfg.widget_values()) == cfg
+    assert TrainSettings().steps == 1000, "the node's default (saved workflows) is the default everywhere"
+    assert TrainSettings.from_values({"pool_size": 0}).pool_size is None, "0 on the node means off"
+    legacy = TrainSettings.from_legacy({"lr": 1e-3, "sigma_range": [0.0, 0.03], "crop_scale": [0.5, 0.9]})
+    assert (legacy.learning_rate, legacy.sigma_range, legacy.crop_scale) == (1e-3, (0.0, 0.03), (0.5, 0.9))
+    widgets = [s.name for s in TrainSettings.specs() if s.widget]
+    assert widgets == ["steps", "batch_size", "crop_size", "learning_rate", "max_noise_sigma", "pool_size", "seed"]
+
+
+def test_training_works_for_sixteen_channel_latents(imgs, tmp_path):
+    """SD3/Flux VAEs have 16 latent channels: the operator takes its width from the encoder, and the file round
+    trips with the family named."""
+    from comfyui_silo.operators.io import load_operator, read_operator_metadata, save_operator
+
+    torch.manual_seed(0)
+    enc = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 8, stride=8), torch.nn.Tanh()).requires_grad_(False)
+    deg = build_degradation({"type": "super_resolution", "factor": 2})
+    res = train_operator(enc, deg, imgs, steps=3, batch_size=2, crop_size=32, heldout_fraction=0.25, eval_every=3,
+                         operator_config={"width": 8})
+    assert res.operator.latent_channels == 16 and res.report["heldout"] is not None
+    sd3 = {"latent_channels": 16, "scale_factor": 1.5305, "shift_factor": 0.0609, "downscale": 8}
+    path = save_operator(tmp_path / "sr2_sd3.safetensors", res.operator, degradation=deg.spec, latent_format=sd3,
+                         training=res.report)
+    assert read_operator_metadata(path)["latent_format"]["name"] == "SD3"
+    z = torch.randn(1, 16, 6, 5)
+    assert torch.equal(load_operator(path)(z, 0.01), res.operator(z, 0.01))
