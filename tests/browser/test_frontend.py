@@ -172,3 +172,13 @@ def test_deblur_runs_from_the_browser_and_its_nodes_show_the_results(page, small
     assert results["PreviewImage"]["images"] >= 1
     shot = fit_and_shoot(page, OUT / "silo_gaussian_deblur_after_run.png", scale=0.8)
     assert shot.stat().st_size > 50_000
+
+
+def test_the_template_browser_names_the_pack_category(page):
+    """Pack templates are titled by file name (the host offers packs no titles or order); the category label comes
+    from the pack's locales/en/main.json, which the frontend loads from /i18n."""
+    label = page.evaluate("(async () => { const r = await fetch('/i18n'); const j = await r.json();"
+                          "return j?.en?.templateWorkflows?.category?.['comfyui-silo'] ?? null; })()")
+    assert label == "SILO restoration"
+    names = page.evaluate("(async () => (await (await fetch('/workflow_templates')).json())['comfyui-silo'])()")
+    assert sorted(names) == sorted(p.stem for p in WORKFLOWS)

@@ -17,6 +17,7 @@ pytestmark = pytest.mark.server
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
+SMALL_BOX = {"box_top": 16, "box_left": 16, "box_height": 24, "box_width": 24}  # a box inside the 64x64 test photo
 SD15 = {"name": "SD15", "latent_channels": 4, "scale_factor": 0.18215, "shift_factor": 0.0, "downscale": 8}
 
 
@@ -61,7 +62,10 @@ def operator_files(comfy_server, object_info):
         for loader in loaders:
             name = assign_widget_values(object_info["SILOLatentOperatorLoader"], loader["widgets_values"])[
                 "operator_name"]
-            spec = _spec(assign_widget_values(object_info["SILODegradation"], degs[0]["widgets_values"]))
+            widgets = assign_widget_values(object_info["SILODegradation"], degs[0]["widgets_values"])
+            if widgets["type"] == "box_inpaint":
+                widgets.update(SMALL_BOX)  # the box _prepare puts into the 64x64 photo
+            spec = _spec(widgets)
             if not (folder / name).exists():
                 save_operator(folder / name, LatentOperator(width=8, use_mask=spec["type"] == "mask_inpaint"),
                               degradation=spec, latent_format=SD15)
@@ -129,7 +133,7 @@ def _prepare(api: dict, stem: str, base: Path, checkpoint: str) -> dict:
         elif cls == "EmptyLatentImage":
             inputs.update(width=64, height=64, batch_size=1)
         elif cls == "SILODegradation" and inputs["type"] == "box_inpaint":
-            inputs.update(box_top=16, box_left=16, box_height=24, box_width=24)
+            inputs.update(SMALL_BOX)
         elif cls == "SILOTrainLatentOperator":
             inputs.update(steps=2, batch_size=2, crop_size=64)
     return expect
