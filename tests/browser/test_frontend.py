@@ -182,3 +182,23 @@ def test_the_template_browser_names_the_pack_category(page):
     assert label == "SILO restoration"
     names = page.evaluate("(async () => (await (await fetch('/workflow_templates')).json())['comfyui-silo'])()")
     assert sorted(names) == sorted(p.stem for p in WORKFLOWS)
+
+
+def test_a_node_without_a_results_box_gets_one_when_it_reports_text(page):
+    """Warnings can come from any node of the pack (e.g. Encode Measurement): the box appears on the first text and
+    the node grows to hold it, its widgets untouched."""
+    load_workflow(page, ROOT / "workflows" / "silo_gaussian_deblur.json")
+    got = page.evaluate("""(() => {
+      const n = app.graph._nodes.find((n) => n.type === 'SILOEncodeMeasurement');
+      const before = {names: n.widgets.map((w) => w.name), h: n.size[1]};
+      n.onExecuted({text: ['WARNING: the photo is not a multiple of 8', 'results may be off']});
+      const w = n.widgets.find((w) => w.name === 'results');
+      return {before, names: n.widgets.map((w) => w.name), h: n.size[1], min: n.computeSize()[1],
+              value: w ? w.value : null, saved: n.serialize().widgets_values};
+    })()""")
+    assert "results" not in got["before"]["names"] and got["names"] == [*got["before"]["names"], "results"]
+    assert got["value"] == "WARNING: the photo is not a multiple of 8\nresults may be off"
+    assert got["h"] >= got["min"] > got["before"]["h"] - 1, got
+    wf = json.loads((ROOT / "workflows" / "silo_gaussian_deblur.json").read_text(encoding="utf-8"))
+    saved = next(n for n in wf["nodes"] if n["type"] == "SILOEncodeMeasurement")["widgets_values"]
+    assert got["saved"] == saved, "the box is never saved with the workflow"
