@@ -293,6 +293,31 @@ def test_silo_ksampler_guides_every_family_in_both_gradient_modes(comfy_host, fa
         assert residual(out["samples"]) < 0.8 * res_plain, mode
 
 
+def test_train_latent_operator_works_with_every_family_vae(comfy_host, family, restoration):
+    """Train Latent Operator on the family's VAE (a few steps): the file names the family's latent space, the
+    loader lists and loads it, and SILO KSampler accepts it for this family."""
+    import folder_paths
+
+    meas, latent, _op = restoration
+    expect = FAMILIES[family.variant]
+    (deg,) = comfy_host.run_node("SILODegradation", **DEG)
+    images = torch.rand(3, 64, 64, 3, generator=torch.Generator().manual_seed(5))
+    name = f"ci/family_{family.variant}"
+    op, report = comfy_host.run_node("SILOTrainLatentOperator", images=images, model=family.model, vae=family.vae,
+                                     degradation=deg, steps=2, batch_size=2, crop_size=64, learning_rate=1e-3,
+                                     max_noise_sigma=0.05, pool_size=4, seed=0, filename=name)[:2]
+    lf = family.model.get_model_object("latent_format")
+    assert op.latent_format["name"] == expect["latent_format"]
+    assert op.latent_format["latent_channels"] == expect["channels"]
+    assert op.latent_format["scale_factor"] == pytest.approx(lf.scale_factor)
+    assert op.latent_format["shift_factor"] == pytest.approx(getattr(lf, "shift_factor", None) or 0.0)
+    files = [f for f in folder_paths.get_filename_list("latent_operators") if f.startswith(name)]
+    assert files, report
+    (loaded,) = comfy_host.run_node("SILOLatentOperatorLoader", operator_name=sorted(files)[-1])
+    out, trace = _silo(comfy_host, family, latent, meas, loaded, gradient="x0", steps=1)
+    assert len(trace) == 1 and torch.isfinite(out["samples"]).all()
+
+
 def test_an_operator_for_another_latent_space_is_refused(comfy_host, family, restoration, family_models):
     """Same check as for SD1.5: channels, scale and shift factors. SD2.x shares SD1.x's latent space, so an SD1.5
     operator is accepted there (and one for SDXL refused)."""
