@@ -16,6 +16,7 @@ from ..operators.text import bounded
 from ..operators.training import TrainingDataError, TrainSettings, format_report, train_operator
 from .common import CATEGORY, Degradation, LatentOperator, SiloInputError, display_name, image_to_bchw
 from .host import interrupt_check, latent_format_info, make_encoder
+from .plots import training_curve_image
 from .widgets import settings_from_widgets, widget_inputs
 
 FOLDER = "latent_operators"
@@ -152,6 +153,9 @@ class TrainLatentOperator(io.ComfyNode):
                 LatentOperator.Output("OPERATOR", display_name="OPERATOR", tooltip="The trained operator, ready for SILO KSampler."),
                 io.String.Output("report", display_name="report", tooltip="Held-out error of the operator vs. identity and "
                                                    "degradation-on-the-latent baselines."),
+                io.Image.Output("curve", display_name="curve",
+                                tooltip="The held-out error during training against its two trivial baselines, as a "
+                                        "chart (e.g. for Preview Image): the operator's line should end below both."),
             ],
         )
 
@@ -194,4 +198,4 @@ class TrainLatentOperator(io.ComfyNode):
                       training=result.report)
         op = load_operator(out_path, device="cpu")
         text = f"saved {os.path.basename(out_path)}\n{format_report(result.report)}"
-        return io.NodeOutput(op, text, ui=ui.PreviewText(text))
+        return io.NodeOutput(op, text, training_curve_image(result.report), ui=ui.PreviewText(text))

@@ -1,6 +1,6 @@
 """Charts as IMAGEs: the SILO Trace Plot node and the training-curve image for Train Latent Operator.
 
-The drawing itself is ``tools/plotting.py`` (Pillow only, no host); this module turns its ``PIL.Image`` into a
+The drawing itself is ``operators/charts.py`` (Pillow only, no host); this module turns its ``PIL.Image`` into a
 ComfyUI IMAGE tensor and builds the node's preview.
 """
 
@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from comfy_api.latest import io, ui
 
-from ..tools.plotting import message_chart, trace_chart, training_curve_chart
+from ..operators.charts import message_chart, trace_chart, training_curve_chart
 from .common import CATEGORY, Trace
 
 PLOT_SIZE = (640, 400)

@@ -197,7 +197,8 @@ def train_workflow(b) -> None:
         "3. Queue. The two KSamplers make 16 varied 512x512 images (change the prompts for your kind of photos; more "
         "and more varied images give better operators). Train Latent Operator saves "
         "models/latent_operators/gaussian_blur_sd15.safetensors (never overwriting: an existing name gets _2) and "
-        "shows its held-out error next to two trivial baselines: the operator should beat both.\n\n"
+        "shows its held-out error next to two trivial baselines on the node and as a chart (Training curve): the "
+        "operator should beat both.\n\n"
         "2000 steps take a few minutes on a GPU. pool_size > 0 encodes that many pairs once and reuses them (faster "
         "when the VAE is slow). A folder of real photos works too: `python -m comfyui_silo train-operator`.")
     c0, c1, c2, c3 = _columns(_top(text), 380, 360, 360, 400)
@@ -226,9 +227,11 @@ def train_workflow(b) -> None:
                    {"images": images.out(), "model": ckpt.out("MODEL"), "vae": ckpt.out("VAE")})
     deg = b.node("SILODegradation", c3, {"type": "gaussian_blur", "blur_kernel_size": 61, "blur_sigma": 3.0})
     b.connect(deg.out(), train, "degradation")
+    curve = b.node("PreviewImage", c3, None, {"images": train.out("curve")}, title="Training curve",
+                   size=(400, 300))
     b.note(text, (0, 80), size=(NOTE_WIDTH, 0), title="SILO: train an operator")
     b.group_around("Generate training images", [*made, images, preview])
-    b.group_around("Train", [train, deg], GREEN)
+    b.group_around("Train", [train, deg, curve], GREEN)
 
 
 def uncertainty_workflow(b) -> None:
@@ -310,17 +313,6 @@ def dumps(workflow: dict) -> str:
 
 # -------------------------------------------------------------------------------------------------- thumbnails
 
-def _font(size: int):
-    from PIL import ImageFont
-
-    for name in ("DejaVuSans-Bold.ttf", "/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf"):
-        try:
-            return ImageFont.truetype(name, size)
-        except OSError:
-            continue
-    return ImageFont.load_default(size=size)
-
-
 def _photo(size: int = 256):
     import numpy as np
     import torch
@@ -342,6 +334,7 @@ def make_thumbnail(stem: str, title: str) -> None:
     import torch
     from PIL import Image, ImageDraw
 
+    from comfyui_silo.operators.charts import font
     from comfyui_silo.operators.degradations import add_noise, build_degradation
 
     W, H, P = 512, 320, 256
@@ -367,7 +360,7 @@ def make_thumbnail(stem: str, title: str) -> None:
             im = transform.resize(im[:side, :side] / 255.0, (120, 120), anti_aliasing=True)
             t = torch.from_numpy(im.copy()).permute(2, 0, 1)[None].float()
             canvas.paste(_to_pil(t), (16 + 124 * (i % 2), 40 + 124 * (i // 2)))
-        draw.text((16, 10), "training images", font=_font(15), fill=(230, 230, 230))
+        draw.text((16, 10), "training images", font=font(15, bold=True), fill=(230, 230, 230))
         label = ["H(E(x)) ≈ E(A(x))", "", "Train Latent", "Operator", "", "→ models/", "latent_operators/"]
     else:
         mask = None
@@ -383,10 +376,10 @@ def make_thumbnail(stem: str, title: str) -> None:
         canvas.paste(_to_pil(x[:, :, :, : P // 2]), (0, 40))
         canvas.paste(_to_pil(shown[:, :, :, P // 2:]), (P // 2, 40))
         draw.line([(P // 2, 40), (P // 2, 40 + P)], fill=(255, 255, 255), width=2)
-        draw.text((8, 10), "photo", font=_font(15), fill=(230, 230, 230))
+        draw.text((8, 10), "photo", font=font(15, bold=True), fill=(230, 230, 230))
         short = {"gaussian_blur": "blur σ=3", "super_resolution": f"low-res ×{specs[stem].get('factor')}",
                  "box_inpaint": "missing box", "mask_inpaint": "missing (mask)", "jpeg": "JPEG q=10"}
-        draw.text((P // 2 + 8, 10), short[specs[stem]["type"]], font=_font(15), fill=(230, 230, 230))
+        draw.text((P // 2 + 8, 10), short[specs[stem]["type"]], font=font(15, bold=True), fill=(230, 230, 230))
         label = ["Encode", "Measurement", "", "Latent", "Degradation", "Operator", "", "SILO KSampler"]
         if stem == "silo_uncertainty":
             label = ["SILO Sampler", "", "Restore with", "N Seeds", "", "→ mean", "→ uncertainty", "    heat map"]
@@ -394,10 +387,10 @@ def make_thumbnail(stem: str, title: str) -> None:
     draw.rounded_rectangle([x0, 40, W - 16, 40 + P], radius=10, outline=(110, 190, 140), width=2)
     yy = 56
     for line in label:
-        draw.text((x0 + 14, yy), line, font=_font(17), fill=(200, 235, 210))
+        draw.text((x0 + 14, yy), line, font=font(17, bold=True), fill=(200, 235, 210))
         yy += 26
     draw.rectangle([0, H - 24, W, H], fill=(46, 52, 64))
-    draw.text((8, H - 21), f"SILO · {title}", font=_font(14), fill=(240, 240, 240))
+    draw.text((8, H - 21), f"SILO · {title}", font=font(14, bold=True), fill=(240, 240, 240))
     canvas.save(OUT / f"{stem}.jpg", quality=88)
 
 

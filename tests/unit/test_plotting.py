@@ -1,4 +1,4 @@
-"""tools/plotting.py: the Pillow charts behind SILO Trace Plot and the training-curve image."""
+"""operators/charts.py: the Pillow charts behind SILO Trace Plot and the training-curve image."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from comfyui_silo.tools.plotting import COLOURS, line_chart, nice_ticks, trace_chart, training_curve_chart
+from comfyui_silo.operators.charts import COLOURS, line_chart, nice_ticks, trace_chart, training_curve_chart
 
 pytestmark = pytest.mark.unit
 

@@ -1,7 +1,8 @@
 """Small line charts drawn with Pillow (no plotting library): the pack's one plotting helper.
 
-Pure Python + Pillow, no ComfyUI and no torch: the nodes (``nodes/plots.py``) turn the returned ``PIL.Image`` into
-an IMAGE tensor. Used for a solver's per-step consistency trace (SILO Trace Plot) and for an operator's training
+Pure Python + Pillow (imported when drawing), no ComfyUI and no torch: the nodes (``nodes/plots.py``) turn the
+returned ``PIL.Image`` into an IMAGE tensor; the benchmark harness saves its time-per-image plot with it; the workflow
+builder draws its thumbnails' captions with :func:`font`. Used for a solver's per-step consistency trace (SILO Trace Plot) and for an operator's training
 curve against its two trivial baselines (Train Latent Operator's report).
 """
 
@@ -16,10 +17,12 @@ COLOURS = [(0, 114, 178), (213, 94, 0), (0, 158, 115), (204, 121, 167), (230, 15
 BACKGROUND, INK, GRID, FRAME = (255, 255, 255), (20, 20, 20), (228, 228, 228), (90, 90, 90)
 
 
-def _font(size: int):
+def font(size: int, bold: bool = False):
+    """DejaVu Sans (bold) at ``size`` px where installed, else Pillow's default font."""
     from PIL import ImageFont
 
-    for name in ("DejaVuSans.ttf", "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"):
+    file = "DejaVuSans-Bold.ttf" if bold else "DejaVuSans.ttf"
+    for name in (file, f"/usr/share/fonts/truetype/dejavu/{file}"):
         try:
             return ImageFont.truetype(name, size)
         except OSError:
@@ -94,7 +97,7 @@ def line_chart(series: Mapping[str, Sequence[tuple[float, float]]], *, title: st
             raise ValueError("line_chart: a log axis needs positive values")
     W, H = size
     s = H / 400  # scale fonts and margins with the image
-    f_title, f_small = _font(max(10, round(16 * s))), _font(max(9, round(12 * s)))
+    f_title, f_small = font(max(10, round(16 * s))), font(max(9, round(12 * s)))
     left, right, top, bottom = round(64 * s), round(16 * s), round((58 if note else 42) * s), round(46 * s)
     x_lo, x_hi = min(xs), max(xs)
     if x_hi == x_lo:
@@ -252,6 +255,6 @@ def message_chart(text: str, size: tuple[int, int] = (640, 400)):
     img = Image.new("RGB", size, BACKGROUND)
     d = ImageDraw.Draw(img)
     d.rectangle([8, 8, size[0] - 9, size[1] - 9], outline=GRID)
-    d.multiline_text((size[0] / 2, size[1] / 2), text, fill=INK, font=_font(max(10, round(16 * size[1] / 400))),
+    d.multiline_text((size[0] / 2, size[1] / 2), text, fill=INK, font=font(max(10, round(16 * size[1] / 400))),
                      anchor="mm", align="center")
     return img
