@@ -25,6 +25,7 @@ Only ``torch.autograd.grad`` w.r.t. the input is used (model parameters never ge
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -163,6 +164,13 @@ class Guidance:
     eta_schedule: str | Callable[[int, float], float] = "constant"
     early_stop: int | None = None
     parameterization: str = "vp"
+
+    def __post_init__(self) -> None:  # the loop's contract (a solver's settings have checked their values already)
+        if self.gradient not in GRADIENT_MODES:
+            raise ValueError(f"gradient={self.gradient!r} is not known; allowed values: {GRADIENT_MODES}")
+        if not (math.isfinite(self.eta) and self.eta >= 0) or not (self.grad_clamp is None or self.grad_clamp > 0):
+            raise ValueError(f"eta must be finite and >= 0 and grad_clamp > 0 or None, got eta={self.eta!r}, "
+                             f"grad_clamp={self.grad_clamp!r}")
 
 
 def settings_guidance(settings: GuidanceSettings, options: dict[str, Any] | None = None,
