@@ -601,6 +601,7 @@ class ProgressPrinter:
         self.api = api or {}
         self.every = every
         self._node_start: dict[str, float] = {}
+        self._first_step: dict[str, tuple[float, int]] = {}  # (time, value) of a node's first step report
         self._last_print: dict[str, float] = {}
         self.finished = threading.Event()  # set by the server's last message about the prompt
 
@@ -628,8 +629,13 @@ class ProgressPrinter:
                 return
             self._last_print[node] = now
             line = f"  {self.label(node)}: step {value}/{total}"
+            if value > 0:
+                first = self._first_step.setdefault(node, (now, value))
             if value > 0 and total > 0:
-                per = (now - start) / value
+                # the rate since the first step report, not since the node started: loading a model or encoding a
+                # training pool before step 1 would otherwise inflate every estimate (first report: since the start)
+                t0, v0 = first if value > first[1] else (start, 0)
+                per = (now - t0) / (value - v0)
                 line += f" ({value / total:.0%}, {per:.2f} s/step"
                 line += f", about {_duration(per * (total - value))} left)" if value < total else ")"
             self.write(line)

@@ -85,6 +85,24 @@ def test_progress_lines_name_the_node_its_steps_an_eta_and_its_text():
                           "  node 9 'Consistency' (SILORestorationMetrics): WARNING: results may be off"]
 
 
+
+def test_eta_is_measured_from_the_first_step_not_from_slow_preparation(monkeypatch):
+    """A training node that encodes its pool for 100 s before step 1, then runs 1 s per step, must not report an ETA
+    inflated by the preparation (100 s/step at step 1 would promise hours)."""
+    clock = [0.0]
+    monkeypatch.setattr("comfyui_silo.tools.runner.time.monotonic", lambda: clock[0])
+    lines: list[str] = []
+    p = ProgressPrinter(lines.append, {}, every=0)
+    p.handle("executing", {"node": "3"})
+    p.handle("progress", {"node": "3", "value": 0, "max": 1000})  # the pool is being encoded
+    clock[0] = 100.0
+    p.handle("progress", {"node": "3", "value": 1, "max": 1000})
+    for v in range(2, 12):
+        clock[0] += 1.0
+        p.handle("progress", {"node": "3", "value": v, "max": 1000})
+    last = [line for line in lines if "step 11/1000" in line][0]
+    assert "1.00 s/step" in last and "16 min" in last, last
+
 def _frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
     n = len(payload)
     head = bytes([(0x80 if fin else 0) | opcode])
