@@ -40,7 +40,7 @@ try:  # progress bar like ComfyUI's samplers; optional
 except ImportError:  # pragma: no cover - tqdm ships with ComfyUI
     _trange = None
 
-__all__ = ["ETA_SCHEDULES", "GRADIENT_MODES", "Guidance", "GuidanceSettings", "MeasurementLoss", "NonFiniteStateError",
+__all__ = ["ETA_SCHEDULES", "GRADIENT_MODES", "Guidance", "GuidanceSettings", "MeasurementLoss", "NonFiniteStateError", "require_callables",
            "Progress", "Solver", "StepState", "batch_compatible", "eta_function", "guided_sample", "normal_tensor",
            "per_batch_l2", "per_batch_mse", "resolve_settings", "settings_guidance", "split_options"]
 
@@ -83,6 +83,18 @@ def per_batch_mse(w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """``mean((w_b - h_b)^2)`` over all non-batch dims -> shape [B]."""
     diff = w.to(device=h.device, dtype=h.dtype) - h
     return diff.reshape(diff.shape[0], -1).pow(2).mean(dim=1)
+
+
+def require_callables(solver: str, **callables: tuple[Any, str, bool]) -> None:
+    """Check a solver's callable arguments, given as ``name=(value, what it must be, optional)``: a missing required
+    one gives "``<solver> needs <name>= (<what>)``", a non-callable one "``<name> must be [None or ]a callable <what>,
+    got <type>``"."""
+    for name, (value, what, optional) in callables.items():
+        if value is None and not optional:
+            raise ValueError(f"{solver} needs {name}= (a callable {what})")
+        if value is not None and not callable(value):
+            raise ValueError(f"{name} must be {'None or ' if optional else ''}a callable {what}, "
+                             f"got {type(value).__name__}")
 
 
 def batch_compatible(shape: tuple, ref: tuple) -> bool:

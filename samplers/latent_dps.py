@@ -43,6 +43,7 @@ from .core import (
     batch_compatible,
     guided_sample,
     normal_tensor,
+    require_callables,
     settings_guidance,
     split_options,
 )
@@ -156,16 +157,6 @@ def psld_gluing_loss(z0_hat: torch.Tensor, *, measurement: torch.Tensor, degrada
 
 
 # ------------------------------------------------------------------------------------------------ solver
-def _check_callables(degradation, decoder, encoder, adjoint) -> None:
-    if degradation is None or not callable(degradation):
-        raise ValueError("Latent-DPS needs degradation= (a differentiable callable A(image) -> measurement)")
-    if decoder is None or not callable(decoder):
-        raise ValueError("Latent-DPS needs decoder= (a differentiable callable D(latent) -> image)")
-    if encoder is not None and not callable(encoder):
-        raise ValueError(f"encoder must be None or a callable E(image) -> latent, got {type(encoder).__name__}")
-    if adjoint is not None and not callable(adjoint):
-        raise ValueError(f"adjoint must be None or a callable A^T(measurement) -> image, got {type(adjoint).__name__}")
-
 
 class LatentDPSSolver(Solver):
     """Loss ``||y - A(D(z0_hat))||`` (+ ``weight * glue`` for PSLD).  One decode per step is shared by both terms:
@@ -181,7 +172,10 @@ class LatentDPSSolver(Solver):
             got = type(measurement).__name__ if not isinstance(measurement, torch.Tensor) else "a 0-d tensor"
             raise ValueError("Latent-DPS needs measurement= (a pixel-space tensor shaped like "
                              f"degradation(decoder(latent))), got {got}")
-        _check_callables(degradation, decoder, encoder, adjoint)
+        require_callables("Latent-DPS", degradation=(degradation, "A(image) -> measurement, differentiable", False),
+                          decoder=(decoder, "D(latent) -> image, differentiable", False),
+                          encoder=(encoder, "E(image) -> latent", True),
+                          adjoint=(adjoint, "A^T(measurement) -> image", True))
         self.decoder, self.degradation, self.encoder = decoder, degradation, encoder
         self.weight, self.norm = settings.gluing_weight, settings.gluing_norm
         self._loss = MeasurementLoss("Latent-DPS", measurement, degradation,

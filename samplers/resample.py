@@ -61,6 +61,7 @@ from .core import (
     StepState,
     guided_sample,
     normal_tensor,
+    require_callables,
     settings_guidance,
     split_options,
 )
@@ -213,12 +214,9 @@ class ReSampleSolver(Solver):
                  degradation_kwargs: dict | None = None):
         if measurement is None or not isinstance(measurement, torch.Tensor):
             raise ValueError("ReSample needs measurement= (a tensor shaped like degradation(decoder(latent)))")
-        if degradation is None or not callable(degradation):
-            raise ValueError("ReSample needs degradation= (a callable A(image, **degradation_kwargs))")
-        if decoder is None or not callable(decoder):
-            raise ValueError("ReSample needs decoder= (a differentiable callable D(latent) -> image)")
-        if encoder is not None and not callable(encoder):
-            raise ValueError(f"encoder must be a callable E(image) -> latent or None, got {type(encoder).__name__}")
+        require_callables("ReSample", degradation=(degradation, "A(image, **degradation_kwargs)", False),
+                          decoder=(decoder, "D(latent) -> image, differentiable", False),
+                          encoder=(encoder, "E(image) -> latent", True))
         if settings.optimization == "pixel" and encoder is None:
             raise ValueError("optimization='pixel' needs encoder= (a callable E(image) -> latent)")
         with torch.inference_mode(False):

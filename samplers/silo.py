@@ -39,6 +39,7 @@ from .core import (
     Solver,
     guided_sample,
     normal_tensor,
+    require_callables,
     settings_guidance,
     split_options,
 )
@@ -81,11 +82,8 @@ class SiloSolver(Solver):
                  operator_kwargs: dict | None = None, extra_loss: Callable[[torch.Tensor], torch.Tensor] | None = None):
         if measurement is None or not isinstance(measurement, torch.Tensor):
             raise ValueError("SILO needs measurement= (a tensor shaped like the operator output)")
-        if operator is None or not callable(operator):
-            raise ValueError("SILO needs operator= (a callable H(z0_hat, **operator_kwargs))")
-        if extra_loss is not None and not callable(extra_loss):
-            raise ValueError(f"extra_loss must be None or a callable z0_hat -> [B] tensor, got "
-                             f"{type(extra_loss).__name__}")
+        require_callables("SILO", operator=(operator, "H(z0_hat, **operator_kwargs)", False),
+                          extra_loss=(extra_loss, "z0_hat -> [B] tensor", True))
         with torch.inference_mode(False):  # detached, out of inference mode so that autograd may save them
             kwargs = {k: normal_tensor(v) for k, v in (operator_kwargs or {}).items()}
         self._loss = MeasurementLoss("SILO", measurement, lambda z: operator(z, **kwargs),

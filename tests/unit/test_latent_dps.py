@@ -407,7 +407,7 @@ def test_clear_errors(toy):
         _dps(toy, sig, x, None, toy.down)
     with pytest.raises(ValueError, match="needs decoder="):
         _dps(toy, sig, x, y, toy.down, decoder=None)
-    with pytest.raises(ValueError, match="needs degradation="):
+    with pytest.raises(ValueError, match=r"degradation must be a callable A\(image\)"):
         _dps(toy, sig, x, y, "blur")
     with pytest.raises(ValueError, match="encoder must be None or a callable"):
         _dps(toy, sig, x, y, toy.down, encoder=3)

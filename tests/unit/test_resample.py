@@ -444,7 +444,7 @@ def test_clear_errors(lw):
     bad("measurement=", measurement=None)
     bad("degradation=", degradation="blur")
     bad("decoder=", decoder=None)
-    bad("encoder must be a callable", encoder=3)
+    bad("encoder must be None or a callable", encoder=3)
     bad(r"optimization='pixel' needs encoder=", optimization="pixel")
     bad(r"'optimization' must be one of 'auto', 'latent', 'pixel', got 'vae'", optimization="vae")
     bad(r"'optimizer' must be one of 'adam', 'sgd', got 'lbfgs'", optimizer="lbfgs")
