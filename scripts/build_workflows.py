@@ -9,6 +9,10 @@ rebuilds them against the running host and fails if the committed files differ, 
     python scripts/build_workflows.py --thumbnails-only    # no host needed
     python scripts/build_workflows.py --no-thumbnails      # the .json files only
 
+The SD1.x graphs cover every task; ``FAMILIES`` adds a deblur and a training graph for SDXL (Load Checkpoint) and
+for Flux (Load Diffusion Model + DualCLIPLoader clip_l/t5xxl type flux + Load VAE ae, FluxGuidance on the prompt at
+CFG 1), with each family's starting settings (README, "Model families").
+
 Thumbnails show the photo and what the degradation does to it (computed with the pack's own degradations); they
 never show a made-up restoration.
 """
@@ -29,7 +33,8 @@ NEGATIVE = "blurry, low quality, jpeg artifacts, noise, watermark"
 
 COMMON_NOTE = (
     "How to use\n"
-    "1. Load Checkpoint: your SD1.x checkpoint (SDXL works with an SDXL operator).\n"
+    "1. Load Checkpoint: your SD1.x checkpoint (for SDXL and Flux open 'silo_sdxl_gaussian_deblur' / "
+    "'silo_flux_gaussian_deblur': they load those models as their users do, with an operator of that family).\n"
     "2. Load Image: the degraded photo{photo_hint}.\n"
     "3. Latent Degradation Operator: an operator trained for THIS degradation and THIS model family, from "
     "ComfyUI/models/latent_operators. None yet? Run the workflow 'silo_train_operator_from_generated_images' "
@@ -68,6 +73,56 @@ TASKS = [
 ]
 STEPS = 250
 
+# Other model families (README "Model families"): what a user of each loads, and the settings to start from.
+SDXL_CHECKPOINT = "sd_xl_base_1.0.safetensors"
+FLUX_MODEL, FLUX_CLIP_L, FLUX_T5, FLUX_VAE = ("flux1-dev.safetensors", "clip_l.safetensors", "t5xxl_fp16.safetensors",
+                                              "ae.safetensors")
+FLUX_GUIDANCE = 3.5
+FAMILIES = {
+    "sdxl": {"label": "SDXL", "steps": 200, "eta": 0.5, "scheduler": "normal", "size": 1024, "batch": 4,
+             "operator": "gaussian_blur_sdxl"},
+    "flux": {"label": "Flux", "steps": 50, "eta": 0.5, "scheduler": "simple", "size": 1024, "batch": 4,
+             "operator": "gaussian_blur_flux"},
+}
+BLUR = {"type": "gaussian_blur", "blur_kernel_size": 61, "blur_sigma": 3.0}
+
+FAMILY_LOAD = {
+    "sdxl": (
+        "1. Load Checkpoint: your SDXL checkpoint (sd_xl_base_1.0.safetensors or an SDXL fine-tune, from "
+        "models/checkpoints)."),
+    "flux": (
+        "1. Load Diffusion Model: the Flux model from models/diffusion_models (e.g. flux1-dev.safetensors; weight_dtype "
+        "fp8_e4m3fn halves its memory). DualCLIPLoader: clip_l.safetensors and t5xxl_fp16.safetensors (or "
+        "t5xxl_fp8_e4m3fn.safetensors) from models/text_encoders, type flux. Load VAE: ae.safetensors from models/vae. "
+        "An all-in-one Flux checkpoint (e.g. flux1-dev-fp8.safetensors) loads with Load Checkpoint instead: connect "
+        "its MODEL, CLIP and VAE where these three loaders' outputs go."),
+}
+
+FAMILY_NOTE = (
+    "How to use ({label})\n"
+    "{load}\n"
+    "2. Load Image: the degraded photo (sides a multiple of 8, e.g. {size}x{size}).\n"
+    "3. Latent Degradation Operator: an operator trained for THIS degradation and the {label} VAE's latent space, from "
+    "ComfyUI/models/latent_operators (an operator of another family, e.g. gaussian_blur_sd15, is refused: its latent "
+    "space differs). None yet? Run the workflow '{train}' with the same Degradation settings; it writes "
+    "'{operator_stem}'.\n"
+    "4. Queue. The result is saved under output/silo/; the preview shows the photo next to the restoration. The "
+    "nodes show their results: SILO KSampler and the chart how consistency with the photo fell step by step, "
+    "Restoration Metrics how well the result explains the photo (RMSE next to the noise floor).\n\n"
+    "Settings for {label}: {settings} gradient 'x0' is faster and needs far less VRAM (no backward pass through the "
+    "model): use it when 'unet' runs out of memory. early_stop k returns the denoised estimate at step k: smoother, "
+    "closer to the photo (less hallucinated detail)."
+)
+FAMILY_SETTINGS = {
+    "sdxl": ("{steps} DDPM steps with eta {eta} (1.0 for inpainting) at CFG 1 are a starting point (100-200 steps; "
+             "fewer steps need a larger eta)."),
+    "flux": ("Flux is a flow-matching model: SILO reads that from the model and guides in the flow parameterization; "
+             "eta is in the paper's units, so the same eta pulls about as hard as on SD1.5. {steps} steps (scheduler "
+             "simple) with eta {eta} (1.0 for inpainting) are a starting point. CFG stays 1: Flux dev is "
+             "guidance-distilled and FluxGuidance {guidance} on the prompt sets its strength; the negative input "
+             "takes the same conditioning (not evaluated at CFG 1)."),
+}
+
 
 NOTE_WIDTH = 1640.0
 GAP = 40.0  # between columns
@@ -93,9 +148,48 @@ def _top(text: str, width: float = NOTE_WIDTH) -> float:
     return 80.0 + note_height(text, width) + TITLE_H
 
 
+def _flux_loaders(b, col) -> list:
+    """Flux as most users load it: the diffusion model, CLIP-L + T5-XXL and the ``ae`` VAE from three files."""
+    unet = b.node("UNETLoader", col, {"unet_name": FLUX_MODEL, "weight_dtype": "default"})
+    clip = b.node("DualCLIPLoader", col, {"clip_name1": FLUX_CLIP_L, "clip_name2": FLUX_T5, "type": "flux"})
+    vae = b.node("VAELoader", col, {"vae_name": FLUX_VAE})
+    return [unet, clip, vae]
+
+
+def _model_and_prompt(b, col, family: str) -> tuple:
+    """``(MODEL, CLIP, VAE, positive, negative, nodes)`` as a user of ``family`` builds them. Flux: one prompt with
+    FluxGuidance for both conditioning inputs (CFG 1)."""
+    if family == "flux":
+        unet, clip, vae = made = _flux_loaders(b, col)
+        pos = b.node("CLIPTextEncode", col, {"text": POSITIVE}, {"clip": clip.out("CLIP")}, title="Positive",
+                     size=(380, 130))
+        guided = b.node("FluxGuidance", col, {"guidance": FLUX_GUIDANCE}, {"conditioning": pos.out()})
+        return (unet.out("MODEL"), clip.out("CLIP"), vae.out("VAE"), guided.out(), guided.out(),
+                [*made, pos, guided])
+    ckpt = b.node("CheckpointLoaderSimple", col, {"ckpt_name": SDXL_CHECKPOINT if family == "sdxl" else CHECKPOINT})
+    pos = b.node("CLIPTextEncode", col, {"text": POSITIVE}, {"clip": ckpt.out("CLIP")}, title="Positive",
+                 size=(380, 130))
+    neg = b.node("CLIPTextEncode", col, {"text": NEGATIVE}, {"clip": ckpt.out("CLIP")}, title="Negative",
+                 size=(380, 130))
+    return ckpt.out("MODEL"), ckpt.out("CLIP"), ckpt.out("VAE"), pos.out(), neg.out(), [ckpt, pos, neg]
+
+
+def _train_stem(family: str) -> str:
+    return ("silo_train_operator_from_generated_images" if family == "sd15"
+            else f"silo_{family}_train_operator_from_generated_images")
+
+
 def _restoration(b, title: str, deg_widgets: dict, operator_stem: str, eta: float, photo_hint: str,
-                 extra: str, compare: bool = False) -> None:
-    note = COMMON_NOTE.format(photo_hint=photo_hint, operator_stem=operator_stem, steps=STEPS, eta=eta)
+                 extra: str, compare: bool = False, family: str = "sd15") -> None:
+    steps, scheduler = STEPS, "normal"
+    if family == "sd15":
+        note = COMMON_NOTE.format(photo_hint=photo_hint, operator_stem=operator_stem, steps=STEPS, eta=eta)
+    else:
+        fam = FAMILIES[family]
+        steps, scheduler = fam["steps"], fam["scheduler"]
+        settings = FAMILY_SETTINGS[family].format(steps=steps, eta=eta, guidance=FLUX_GUIDANCE)
+        note = FAMILY_NOTE.format(label=fam["label"], load=FAMILY_LOAD[family], size=fam["size"],
+                                  train=_train_stem(family), operator_stem=operator_stem, settings=settings)
     if compare:
         note = ("Degrade -> restore -> compare: load a CLEAN photo; Apply Degradation blurs it (plus noise 0.01) so "
                 "the original is known. SILO and two baselines that need no operator but decode with the VAE "
@@ -109,11 +203,7 @@ def _restoration(b, title: str, deg_widgets: dict, operator_stem: str, eta: floa
         c0, c1, c2, c3, c4, c5, c6 = _columns(_top(note), 380, 360, 340, 380, 300, 380, 380)
     else:
         c0, c1, c2, c3, c4, c5 = _columns(_top(note), 380, 360, 340, 380, 380, 480)
-    ckpt = b.node("CheckpointLoaderSimple", c0, {"ckpt_name": CHECKPOINT})
-    pos = b.node("CLIPTextEncode", c0, {"text": POSITIVE}, {"clip": ckpt.out("CLIP")}, title="Positive",
-                 size=(380, 130))
-    neg = b.node("CLIPTextEncode", c0, {"text": NEGATIVE}, {"clip": ckpt.out("CLIP")}, title="Negative",
-                 size=(380, 130))
+    model, clip, vae, positive, negative, model_nodes = _model_and_prompt(b, c0, family)
     photo = b.node("LoadImage", c1, {"image": "example.png"}, title="Clean photo" if compare else
                    "Degraded photo", size=(360, 360))
     deg = b.node("SILODegradation", c1, deg_widgets,
@@ -125,32 +215,32 @@ def _restoration(b, title: str, deg_widgets: dict, operator_stem: str, eta: floa
     else:
         measured = photo.out("IMAGE")
     enc = b.node("SILOEncodeMeasurement", c2, {"noise_sigma": 0.01},
-                 {"image": measured, "vae": ckpt.out("VAE"), "degradation": deg.out("DEGRADATION")})
+                 {"image": measured, "vae": vae, "degradation": deg.out("DEGRADATION")})
     op = b.node("SILOLatentOperatorLoader", c2, {"operator_name": operator_stem + ".safetensors"})
     ks = b.node("SILOKSampler", c3,
-                {"seed": 0, "steps": STEPS, "cfg": 1.0, "scheduler": "normal", "denoise": 1.0, "eta": eta,
+                {"seed": 0, "steps": steps, "cfg": 1.0, "scheduler": scheduler, "denoise": 1.0, "eta": eta,
                  "update": "ddpm", "gradient": "unet", "grad_clamp": 1.0, "early_stop": -1},
-                {"model": ckpt.out("MODEL"), "positive": pos.out(), "negative": neg.out(),
+                {"model": model, "positive": positive, "negative": negative,
                  "latent_image": enc.out("LATENT"), "measurement": enc.out("MEASUREMENT"),
                  "operator": op.out()})
-    dec = b.node("VAEDecode", c4, None, {"samples": ks.out("LATENT"), "vae": ckpt.out("VAE")})
+    dec = b.node("VAEDecode", c4, None, {"samples": ks.out("LATENT"), "vae": vae})
     prefix = "silo/" + title.lower().split(" (")[0].replace(" ", "_").replace("-", "_")
-    groups = [("Model and prompt", [ckpt, pos, neg], PURPLE), ("Photo and degradation", [photo, deg], BROWN)]
+    groups = [("Model and prompt", model_nodes, PURPLE), ("Photo and degradation", [photo, deg], BROWN)]
     if compare:
         stitch = {"direction": "right", "match_image_size": True, "spacing_width": 8, "spacing_color": "white"}
-        common = {"model": ckpt.out("MODEL"), "positive": pos.out(), "negative": neg.out(),
-                  "latent_image": enc.out("LATENT"), "measurement": enc.out("MEASUREMENT"), "vae": ckpt.out("VAE")}
+        common = {"model": model, "positive": positive, "negative": negative,
+                  "latent_image": enc.out("LATENT"), "measurement": enc.out("MEASUREMENT"), "vae": vae}
         dps = b.node("SILOLatentDPSKSampler", c3,
-                     {"seed": 0, "steps": STEPS, "cfg": 1.0, "scheduler": "normal", "denoise": 1.0, "eta": 1.0,
+                     {"seed": 0, "steps": steps, "cfg": 1.0, "scheduler": scheduler, "denoise": 1.0, "eta": 1.0,
                       "gluing": 0.0, "update": "ddpm", "gradient": "unet", "grad_clamp": 0.0, "early_stop": -1},
                      common, title="Latent DPS (baseline)")
         rs = b.node("SILOReSampleKSampler", c3,
-                    {"seed": 0, "steps": STEPS, "cfg": 1.0, "scheduler": "normal", "denoise": 1.0,
+                    {"seed": 0, "steps": steps, "cfg": 1.0, "scheduler": scheduler, "denoise": 1.0,
                      "consistency_every": 10, "latent_steps": 500, "lr": 5e-3, "optimization": "auto",
                      "pixel_steps": 2000, "tolerance": 1e-3, "gamma": 40.0,
                      "variance": "paper", "dps_eta": 0.0, "early_stop": -1}, common, title="ReSample (baseline)")
-        dec_dps = b.node("VAEDecode", c4, None, {"samples": dps.out("LATENT"), "vae": ckpt.out("VAE")})
-        dec_rs = b.node("VAEDecode", c4, None, {"samples": rs.out("LATENT"), "vae": ckpt.out("VAE")})
+        dec_dps = b.node("VAEDecode", c4, None, {"samples": dps.out("LATENT"), "vae": vae})
+        dec_rs = b.node("VAEDecode", c4, None, {"samples": rs.out("LATENT"), "vae": vae})
         left = b.node("ImageStitch", c4, stitch, {"image1": photo.out("IMAGE"),
                                                   "image2": applied.out("upsampled")},
                       title="original | degraded")
@@ -185,51 +275,95 @@ def _restoration(b, title: str, deg_widgets: dict, operator_stem: str, eta: floa
         b.group_around(name, refs, color)
 
 
-def train_workflow(b) -> None:
-    text = (
-        "Train a latent operator from images your own checkpoint generates (no dataset needed).\n"
-        "1. Load Checkpoint: the checkpoint you will restore with (the operator learns ITS VAE's latent space).\n"
-        "2. Degradation: the degradation to learn (Gaussian blur 61/3.0 here). For the other example workflows use "
-        "super_resolution 4 or 8, box_inpaint, mask_inpaint or jpeg 10 and the file names they expect: "
-        "super_resolution_x4_sd15, super_resolution_x8_sd15, box_inpaint_sd15, mask_inpaint_sd15, jpeg_q10_sd15. For "
-        "box_inpaint set crop_size to 512, the size of the photos you will restore: the box is placed in pixels of "
-        "each training crop, so it must fit in the crop where it lies in the photo.\n"
-        "3. Queue. The two KSamplers make 16 varied 512x512 images (change the prompts for your kind of photos; more "
-        "and more varied images give better operators). Train Latent Operator saves "
-        "models/latent_operators/gaussian_blur_sd15.safetensors (never overwriting: an existing name gets _2) and "
-        "shows its held-out error next to two trivial baselines on the node and as a chart (Training curve): the "
-        "operator should beat both.\n\n"
+def _train_note(family: str) -> str:
+    if family == "sd15":
+        return (
+            "Train a latent operator from images your own checkpoint generates (no dataset needed).\n"
+            "1. Load Checkpoint: the checkpoint you will restore with (the operator learns ITS VAE's latent space).\n"
+            "2. Degradation: the degradation to learn (Gaussian blur 61/3.0 here). For the other example workflows use "
+            "super_resolution 4 or 8, box_inpaint, mask_inpaint or jpeg 10 and the file names they expect: "
+            "super_resolution_x4_sd15, super_resolution_x8_sd15, box_inpaint_sd15, mask_inpaint_sd15, jpeg_q10_sd15. "
+            "For box_inpaint set crop_size to 512, the size of the photos you will restore: the box is placed in "
+            "pixels of each training crop, so it must fit in the crop where it lies in the photo.\n"
+            "3. Queue. The two KSamplers make 16 varied 512x512 images (change the prompts for your kind of photos; "
+            "more and more varied images give better operators). Train Latent Operator saves "
+            "models/latent_operators/gaussian_blur_sd15.safetensors (never overwriting: an existing name gets _2) and "
+            "shows its held-out error next to two trivial baselines on the node and as a chart (Training curve): the "
+            "operator should beat both.\n\n"
+            "2000 steps take a few minutes on a GPU. pool_size > 0 encodes that many pairs once and reuses them "
+            "(faster when the VAE is slow). A folder of real photos works too: `python -m comfyui_silo "
+            "train-operator`.")
+    fam = FAMILIES[family]
+    sampling = {"sdxl": "25 steps at CFG 7",
+                "flux": f"20 euler steps at CFG 1 with FluxGuidance {FLUX_GUIDANCE}"}[family]
+    return (
+        f"Train a latent operator for {fam['label']} from images your own model generates (no dataset needed).\n"
+        f"{FAMILY_LOAD[family]} The operator learns THIS VAE's latent space ({fam['label']}); the loader refuses it "
+        "for a model of another family.\n"
+        "2. Degradation: the degradation to learn (Gaussian blur 61/3.0 here, what "
+        f"'silo_{family}_gaussian_deblur' expects). For another degradation change it and the file name (e.g. "
+        f"super_resolution_x4_{family}).\n"
+        f"3. Queue. The two KSamplers make {2 * fam['batch']} varied {fam['size']}x{fam['size']} images ({sampling}; "
+        "change the prompts for your kind of photos; more and more varied images give better operators). Train "
+        f"Latent Operator saves models/latent_operators/{fam['operator']}.safetensors (never overwriting: an "
+        "existing name gets _2) and shows its held-out error next to two trivial baselines on the node and as a "
+        "chart (Training curve): the operator should beat both.\n\n"
         "2000 steps take a few minutes on a GPU. pool_size > 0 encodes that many pairs once and reuses them (faster "
-        "when the VAE is slow). A folder of real photos works too: `python -m comfyui_silo train-operator`.")
+        "when the VAE is slow). A folder of real photos works too: `python -m comfyui_silo train-operator` with "
+        f"the {fam['label']} checkpoint.")
+
+
+def train_workflow(b, family: str = "sd15") -> None:
+    text = _train_note(family)
     c0, c1, c2, c3 = _columns(_top(text), 380, 360, 360, 400)
-    ckpt = b.node("CheckpointLoaderSimple", c0, {"ckpt_name": CHECKPOINT})
     prompts = ["a photograph of a busy city street, natural light, detailed",
                "a close-up photograph of a person's face, natural light, detailed"]
-    neg = b.node("CLIPTextEncode", c0, {"text": "painting, illustration, text, watermark, blurry"},
-                 {"clip": ckpt.out("CLIP")}, title="Negative", size=(380, 120))
-    latent = b.node("EmptyLatentImage", c0, {"width": 512, "height": 512, "batch_size": 8})
-    decoded, made = [], [ckpt, neg, latent]
+    if family == "flux":
+        unet, clip_loader, vae_loader = loaders = _flux_loaders(b, c0)
+        model, clip, vae = unet.out("MODEL"), clip_loader.out("CLIP"), vae_loader.out("VAE")
+        fam = FAMILIES[family]
+        latent = b.node("EmptySD3LatentImage", c0, {"width": fam["size"], "height": fam["size"],
+                                                    "batch_size": fam["batch"]})
+        made, negative = [*loaders, latent], None
+        sampling = {"steps": 20, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple"}
+    else:
+        ckpt = b.node("CheckpointLoaderSimple", c0,
+                      {"ckpt_name": SDXL_CHECKPOINT if family == "sdxl" else CHECKPOINT})
+        model, clip, vae = ckpt.out("MODEL"), ckpt.out("CLIP"), ckpt.out("VAE")
+        neg = b.node("CLIPTextEncode", c0, {"text": "painting, illustration, text, watermark, blurry"},
+                     {"clip": clip}, title="Negative", size=(380, 120))
+        size, batch = (512, 8) if family == "sd15" else (FAMILIES[family]["size"], FAMILIES[family]["batch"])
+        latent = b.node("EmptyLatentImage", c0, {"width": size, "height": size, "batch_size": batch})
+        made, negative = [ckpt, neg, latent], neg.out()
+        sampling = {"steps": 25, "cfg": 7.0, "sampler_name": "euler_ancestral", "scheduler": "normal"}
+    decoded = []
     for i, text_i in enumerate(prompts):
-        pos = b.node("CLIPTextEncode", c0, {"text": text_i}, {"clip": ckpt.out("CLIP")},
+        pos = b.node("CLIPTextEncode", c0, {"text": text_i}, {"clip": clip},
                      title=f"Prompt {i + 1}", size=(380, 120))
-        ks = b.node("KSampler", c1,
-                    {"seed": 1000 + i, "steps": 25, "cfg": 7.0, "sampler_name": "euler_ancestral",
-                     "scheduler": "normal", "denoise": 1.0},
-                    {"model": ckpt.out("MODEL"), "positive": pos.out(), "negative": neg.out(),
+        made.append(pos)
+        positive = pos.out()
+        if family == "flux":  # distilled guidance on the prompt; at CFG 1 the negative is not evaluated
+            guided = b.node("FluxGuidance", c0, {"guidance": FLUX_GUIDANCE}, {"conditioning": positive})
+            made.append(guided)
+            positive = guided.out()
+        ks = b.node("KSampler", c1, {"seed": 1000 + i, **sampling, "denoise": 1.0},
+                    {"model": model, "positive": positive, "negative": negative or positive,
                      "latent_image": latent.out()}, helpers={"seed": "randomize"})
-        decoded.append(b.node("VAEDecode", c2, None, {"samples": ks.out(), "vae": ckpt.out("VAE")}))
-        made += [pos, ks, decoded[-1]]
+        decoded.append(b.node("VAEDecode", c2, None, {"samples": ks.out(), "vae": vae}))
+        made += [ks, decoded[-1]]
     images = b.node("ImageBatch", c2, None, {"image1": decoded[0].out(), "image2": decoded[1].out()})
     preview = b.node("PreviewImage", c2, None, {"images": images.out()}, size=(360, 360))
     train = b.node("SILOTrainLatentOperator", c3,
                    {"steps": 2000, "batch_size": 8, "crop_size": 256, "learning_rate": 2e-4, "max_noise_sigma": 0.05,
-                    "pool_size": 0, "seed": 0, "filename": "gaussian_blur_sd15"},
-                   {"images": images.out(), "model": ckpt.out("MODEL"), "vae": ckpt.out("VAE")})
-    deg = b.node("SILODegradation", c3, {"type": "gaussian_blur", "blur_kernel_size": 61, "blur_sigma": 3.0})
+                    "pool_size": 0, "seed": 0,
+                    "filename": "gaussian_blur_sd15" if family == "sd15" else FAMILIES[family]["operator"]},
+                   {"images": images.out(), "model": model, "vae": vae})
+    deg = b.node("SILODegradation", c3, BLUR)
     b.connect(deg.out(), train, "degradation")
     curve = b.node("PreviewImage", c3, None, {"images": train.out("curve")}, title="Training curve",
                    size=(400, 300))
-    b.note(text, (0, 80), size=(NOTE_WIDTH, 0), title="SILO: train an operator")
+    title = "SILO: train an operator" + ("" if family == "sd15" else f" for {FAMILIES[family]['label']}")
+    b.note(text, (0, 80), size=(NOTE_WIDTH, 0), title=title)
     b.group_around("Generate training images", [*made, images, preview])
     b.group_around("Train", [train, deg, curve], GREEN)
 
@@ -292,6 +426,13 @@ def workflow_specs() -> dict[str, tuple[str, Callable]]:
                                                               "blur_sigma": 3.0},
                                "gaussian_blur_sd15", 1.0, "", "", compare=True))
     specs["silo_uncertainty"] = ("Uncertainty from several seeds", uncertainty_workflow)
+    for family, fam in FAMILIES.items():
+        title = f"{fam['label']} Gaussian deblur"
+        specs[f"silo_{family}_gaussian_deblur"] = (
+            title, lambda b, t=title, f=family, o=fam["operator"], e=fam["eta"]: _restoration(
+                b, t, BLUR, o, e, "", "", family=f))
+        specs[_train_stem(family)] = (f"Train an operator for {fam['label']}",
+                                      lambda b, f=family: train_workflow(b, f))
     return specs
 
 
@@ -350,8 +491,10 @@ def make_thumbnail(stem: str, title: str) -> None:
         "silo_jpeg_restoration": {"type": "jpeg", "quality": 10},
         "silo_degrade_restore_compare": {"type": "gaussian_blur", "kernel_size": 61, "sigma": 3.0},
         "silo_uncertainty": {"type": "gaussian_blur", "kernel_size": 61, "sigma": 3.0},
+        **{f"silo_{family}_gaussian_deblur": {"type": "gaussian_blur", "kernel_size": 61, "sigma": 3.0}
+           for family in FAMILIES},
     }
-    if stem == "silo_train_operator_from_generated_images":
+    if stem.endswith("train_operator_from_generated_images"):
         from skimage import data, transform
 
         tiles = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket()]
@@ -383,6 +526,9 @@ def make_thumbnail(stem: str, title: str) -> None:
         label = ["Encode", "Measurement", "", "Latent", "Degradation", "Operator", "", "SILO KSampler"]
         if stem == "silo_uncertainty":
             label = ["SILO Sampler", "", "Restore with", "N Seeds", "", "→ mean", "→ uncertainty", "    heat map"]
+    family = next((f for f in FAMILIES if stem.startswith(f"silo_{f}_")), None)
+    if family:  # the model family the graph loads, on top of the node list
+        label = [f"[{FAMILIES[family]['label']}]", *label]
     x0 = P + 24
     draw.rounded_rectangle([x0, 40, W - 16, 40 + P], radius=10, outline=(110, 190, 140), width=2)
     yy = 56

@@ -1,5 +1,14 @@
 """Server tier: every shipped workflow (workflows/*.json) converts with the host's /object_info, runs headlessly at
-64x64 against the random checkpoint, and is what scripts/build_workflows.py builds from the current node schemas."""
+64x64 against the random checkpoint of its model family, and is what scripts/build_workflows.py builds from the
+current node schemas.
+
+The SD1.x workflows run against the small SD1.5 checkpoint; ``silo_sdxl_*`` against the tiny SDXL one and
+``silo_flux_*`` against the tiny Flux one (support/make_checkpoint.py). The Flux graphs load as Flux users load it
+(UNETLoader, DualCLIPLoader clip_l + t5xxl type flux, VAELoader ae): UNETLoader gets the tiny checkpoint itself (the
+host's loader takes a diffusion model out of a checkpoint file), VAELoader a file of its VAE weights cut out of it,
+and the DualCLIPLoader is the one node swapped: T5-XXL (4.7 B parameters) cannot run on a 2-core test machine, so
+it becomes CLIPLoader(clip_l, type sd3), the CLIP-L-only text encoder the tiny Flux model is built for (as in
+test_families_server.py); everything downstream of it (FluxGuidance, the samplers) is the shipped graph."""
 
 from __future__ import annotations
 
@@ -19,6 +28,17 @@ ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
 SMALL_BOX = {"box_top": 16, "box_left": 16, "box_height": 24, "box_width": 24}  # a box inside the 64x64 test photo
 SD15 = {"name": "SD15", "latent_channels": 4, "scale_factor": 0.18215, "shift_factor": 0.0, "downscale": 8}
+# the host's latent formats (comfy/latent_formats.py) of the other families' workflows (silo_<family>_*)
+LATENT_FORMATS = {
+    "sdxl": {"name": "SDXL", "latent_channels": 4, "scale_factor": 0.13025, "shift_factor": 0.0, "downscale": 8},
+    "flux": {"name": "Flux", "latent_channels": 16, "scale_factor": 0.3611, "shift_factor": 0.1159, "downscale": 8},
+}
+FLUX_VAE = "flux_tiny_random_ae.safetensors"
+
+
+def _family(stem: str) -> str | None:
+    """The model family a shipped workflow is for (``silo_sdxl_...`` -> ``sdxl``); None for SD1.x."""
+    return next((f for f in LATENT_FORMATS if stem.startswith(f"silo_{f}_")), None)
 
 
 def _spec(widgets: dict) -> dict:
@@ -66,9 +86,11 @@ def operator_files(comfy_server, object_info):
             if widgets["type"] == "box_inpaint":
                 widgets.update(SMALL_BOX)  # the box _prepare puts into the 64x64 photo
             spec = _spec(widgets)
+            latent_format = LATENT_FORMATS.get(_family(path.stem), SD15)
             if not (folder / name).exists():
-                save_operator(folder / name, LatentOperator(width=8, use_mask=spec["type"] == "mask_inpaint"),
-                              degradation=spec, latent_format=SD15)
+                save_operator(folder / name, LatentOperator(latent_channels=latent_format["latent_channels"], width=8,
+                                                            use_mask=spec["type"] == "mask_inpaint"),
+                              degradation=spec, latent_format=latent_format)
             made[name] = spec
     return made
 
@@ -108,9 +130,51 @@ def test_the_host_serves_the_workflows_as_templates_with_thumbnails(comfy_server
         assert r.read(3) == b"\xff\xd8\xff"
 
 
-def _prepare(api: dict, stem: str, base: Path, checkpoint: str) -> dict:
-    """Shrink a shipped workflow to 64x64 and a couple of steps; returns what its outputs should look like."""
+@pytest.fixture(scope="module")
+def family_files(comfy_server, request) -> dict[str, str]:
+    """The tiny family checkpoints (``family_models``) plus what the Flux loaders read: the checkpoint linked into
+    models/diffusion_models for UNETLoader and its VAE weights (``vae.*``) as a file of their own in
+    models/vae for VAELoader."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    files = dict(request.getfixturevalue("family_models"))
+    base = comfy_server.base
+    flux = base / "models" / "checkpoints" / files["flux"]
+    unet = base / "models" / "diffusion_models" / files["flux"]
+    unet.parent.mkdir(parents=True, exist_ok=True)
+    if not unet.exists():
+        unet.symlink_to(flux.resolve())
+    vae = base / "models" / "vae" / FLUX_VAE
+    vae.parent.mkdir(parents=True, exist_ok=True)
+    if not vae.exists():
+        prefix = "vae."  # the Flux checkpoint layout (comfy.supported_models.Flux.vae_key_prefix)
+        with safe_open(str(flux), "pt") as f:
+            weights = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+        assert weights, f"{flux.name} holds no {prefix}* VAE weights"
+        save_file(weights, str(vae))
+    return files
+
+
+def _swap_flux_text_encoder(api: dict, clip_l: str) -> None:
+    """DualCLIPLoader(clip_l, t5xxl, flux) -> CLIPLoader(clip_l, sd3): same CLIP output, no T5-XXL (see the module
+    docstring)."""
+    for node in api.values():
+        if node["class_type"] == "DualCLIPLoader":
+            assert node["inputs"]["type"] == "flux"
+            node["class_type"] = "CLIPLoader"
+            node["inputs"] = {"clip_name": clip_l, "type": "sd3"}
+
+
+def _prepare(api: dict, stem: str, base: Path, checkpoint: str, families: dict | None = None) -> dict:
+    """Shrink a shipped workflow to 64x64 and a couple of steps; returns what its outputs should look like.
+    ``families``: the :func:`family_files` names, for the ``silo_<family>_*`` workflows."""
     expect = {"size": (64, 64)}
+    family = _family(stem)
+    if family is not None:
+        checkpoint = families[family]
+    if family == "flux":
+        _swap_flux_text_encoder(api, families["clip_l"])
     small = {"silo_super_resolution_x4": (16, 16), "silo_super_resolution_x8": (8, 8)}.get(stem, (64, 64))
     hole = (20, 24, 44, 40) if stem == "silo_mask_inpainting" else None
     image = _png(base / "input" / f"wf_{stem}.png", small, hole)
@@ -118,6 +182,10 @@ def _prepare(api: dict, stem: str, base: Path, checkpoint: str) -> dict:
         cls, inputs = node["class_type"], node["inputs"]
         if cls == "CheckpointLoaderSimple":
             inputs["ckpt_name"] = checkpoint
+        elif cls == "UNETLoader":
+            inputs["unet_name"] = checkpoint
+        elif cls == "VAELoader":
+            inputs["vae_name"] = FLUX_VAE
         elif cls == "LoadImage":
             inputs["image"] = image
         elif cls in ("SILOKSampler", "SILOLatentDPSKSampler"):
@@ -130,7 +198,7 @@ def _prepare(api: dict, stem: str, base: Path, checkpoint: str) -> dict:
             inputs["steps"] = 2
         elif cls == "SILORestoreSeeds":
             inputs["seeds"] = 2
-        elif cls == "EmptyLatentImage":
+        elif cls in ("EmptyLatentImage", "EmptySD3LatentImage"):
             inputs.update(width=64, height=64, batch_size=1)
         elif cls == "SILODegradation" and inputs["type"] == "box_inpaint":
             inputs.update(SMALL_BOX)
@@ -140,7 +208,7 @@ def _prepare(api: dict, stem: str, base: Path, checkpoint: str) -> dict:
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
-def test_shipped_workflow_runs_headlessly(path, comfy_server, object_info, operator_files, small_checkpoint):
+def test_shipped_workflow_runs_headlessly(path, comfy_server, object_info, operator_files, small_checkpoint, request):
     from PIL import Image
 
     wf = _load(path)
@@ -148,21 +216,27 @@ def test_shipped_workflow_runs_headlessly(path, comfy_server, object_info, opera
     assert not missing, f"{path.name} names node types the host does not have: {missing}"
     api = ui_to_api(wf, object_info)
     base = comfy_server.base
-    expect = _prepare(api, path.stem, base, small_checkpoint.name)
+    family = _family(path.stem)
+    families = request.getfixturevalue("family_files") if family else None
+    expect = _prepare(api, path.stem, base, small_checkpoint.name, families)
     before = set((base / "models" / "latent_operators").glob("*.safetensors"))
     entry = comfy_server.run_prompt(api, timeout=600)
     outputs = entry["outputs"]
     saved = [img for node_id, out in outputs.items() for img in out.get("images", [])
              if api[node_id]["class_type"] == "SaveImage"]
-    if path.stem == "silo_train_operator_from_generated_images":
+    if path.stem.endswith("train_operator_from_generated_images"):
         from comfyui_silo.operators.io import load_operator
 
         new = set((base / "models" / "latent_operators").glob("*.safetensors")) - before
         assert len(new) == 1, "the training workflow writes one new operator file (never overwriting)"
         (new_file,) = new
-        assert new_file.name.startswith("gaussian_blur_sd15_")  # the shipped name exists already: _2, _3, ...
+        # the name the family's restoration workflow loads exists already (operator_files): _2, _3, ...
+        assert new_file.name.startswith(f"gaussian_blur_{family or 'sd15'}_")
         op = load_operator(new_file)
         assert op.degradation["type"] == "gaussian_blur" and op.training["steps"] == 2
+        # trained in the latent space of the model the workflow loaded (what that family's restoration accepts)
+        assert op.latent_format["name"] == LATENT_FORMATS.get(family, SD15)["name"]
+        assert op.latent_format["latent_channels"] == LATENT_FORMATS.get(family, SD15)["latent_channels"]
         train_id = next(i for i, n in api.items() if n["class_type"] == "SILOTrainLatentOperator")
         assert "held-out" in "".join(outputs[train_id]["text"])
         return

@@ -16,7 +16,10 @@ ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
 REQUIRED = {"silo_gaussian_deblur", "silo_super_resolution_x4", "silo_super_resolution_x8", "silo_box_inpainting",
             "silo_mask_inpainting", "silo_jpeg_restoration", "silo_train_operator_from_generated_images",
-            "silo_degrade_restore_compare", "silo_uncertainty"}
+            "silo_degrade_restore_compare", "silo_uncertainty",
+            # other model families (issue 13): SDXL (vp) and Flux (flow), each with its training workflow
+            "silo_sdxl_gaussian_deblur", "silo_sdxl_train_operator_from_generated_images",
+            "silo_flux_gaussian_deblur", "silo_flux_train_operator_from_generated_images"}
 OUR_NODES = set(json.loads((ROOT / "node_list.json").read_text()))
 
 
@@ -98,6 +101,49 @@ def test_every_node_is_at_least_as_large_as_the_frontend_draws_it(path):
         need = NODE_PAD + ROW_H * rows + WIDGET_H * len(n.get("widgets_values") or [])
         need += TEXT_BOX_H if n["type"] in TEXT_NODES else 0
         assert w >= MIN_WIDTH and h >= need, f"{path.stem}: node {n['id']} ({n['type']}) is {w}x{h}, needs {need}"
+
+
+def _source(wf: dict, node: dict, socket: str) -> dict:
+    """The node feeding ``socket`` of ``node``."""
+    link = next(i["link"] for i in node["inputs"] if i["name"] == socket)
+    src = next(lk[1] for lk in wf["links"] if lk[0] == link)
+    return next(n for n in wf["nodes"] if n["id"] == src)
+
+
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+def test_family_workflows_load_their_family_and_train_the_operator_the_restoration_loads(family):
+    """The SDXL and Flux graphs load the model as users of that family do (Flux: diffusion model, CLIP-L + T5-XXL
+    as type flux, the ae VAE, FluxGuidance on the prompt at CFG 1), restore with an operator of their own family,
+    and their training workflow writes exactly that operator, from the same model and VAE loaders."""
+    restore = json.loads((ROOT / "workflows" / f"silo_{family}_gaussian_deblur.json").read_text(encoding="utf-8"))
+    train = json.loads((ROOT / "workflows" / f"silo_{family}_train_operator_from_generated_images.json")
+                       .read_text(encoding="utf-8"))
+    loader = next(n for n in restore["nodes"] if n["type"] == "SILOLatentOperatorLoader")
+    assert loader["widgets_values"][0] == f"gaussian_blur_{family}.safetensors"
+    trainer = next(n for n in train["nodes"] if n["type"] == "SILOTrainLatentOperator")
+    assert f"gaussian_blur_{family}" in trainer["widgets_values"]
+    for wf in (restore, train):
+        deg = next(n for n in wf["nodes"] if n["type"] == "SILODegradation")
+        assert deg["widgets_values"][:3] == ["gaussian_blur", 61, 3.0]
+    sampler = next(n for n in restore["nodes"] if n["type"] == "SILOKSampler")
+    if family == "sdxl":
+        assert _source(restore, sampler, "model")["type"] == "CheckpointLoaderSimple"
+        assert _source(restore, sampler, "model")["widgets_values"][0] == "sd_xl_base_1.0.safetensors"
+        assert _source(train, trainer, "model")["type"] == "CheckpointLoaderSimple"
+        return
+    encode = next(n for n in restore["nodes"] if n["type"] == "SILOEncodeMeasurement")
+    for wf, node, vae_user in ((restore, sampler, encode), (train, trainer, trainer)):
+        assert _source(wf, node, "model")["type"] == "UNETLoader"
+        assert _source(wf, vae_user, "vae")["widgets_values"] == ["ae.safetensors"]
+    for socket in ("positive", "negative"):  # CFG 1: the negative takes the guided prompt too (never evaluated)
+        guidance = _source(restore, sampler, socket)
+        assert guidance["type"] == "FluxGuidance" and guidance["widgets_values"] == [3.5]
+        clip = _source(restore, _source(restore, guidance, "conditioning"), "clip")
+        assert clip["type"] == "DualCLIPLoader" and clip["widgets_values"][2] == "flux"
+    assert 1.0 in sampler["widgets_values"] and "simple" in sampler["widgets_values"]
+    for ks in (n for n in train["nodes"] if n["type"] == "KSampler"):
+        assert _source(train, ks, "positive")["type"] == "FluxGuidance"
+    assert any(n["type"] == "EmptySD3LatentImage" for n in train["nodes"]), "16-channel latents for Flux"
 
 
 def test_the_layout_knows_the_nodes_the_web_extension_gives_a_results_box():
