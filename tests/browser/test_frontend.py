@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
 OUT = ROOT / "tests" / "_out" / "browser"
-FILE_COMBOS = {"ckpt_name", "image", "operator_name"}  # their options are the files this test server happens to have
+FILE_COMBOS = {"ckpt_name", "image", "operator_name", "unet_name", "clip_name1", "clip_name2", "vae_name"}  # their options are the files this test server happens to have
 
 def load_workflow(page, path: Path) -> None:
     wf = json.loads(path.read_text(encoding="utf-8"))
