@@ -734,10 +734,8 @@ def main(argv=None) -> int:
                 ap.error(f"--merge: {args.out}/results.json holds preset {previous['meta'].get('preset')!r}, not "
                          f"{args.preset!r}; use another --out folder")
 
-    sys.path.insert(0, str(ROOT / "tests"))
-    from support.host import InProcessHost, ensure_checkpoint, make_base_directory
-
     from comfyui_silo.tools.cli import bootstrap_host
+    from comfyui_silo.tools.host_harness import InProcessHost, ensure_checkpoint, make_base_directory
 
     os.environ["COMFYUI_PATH"] = args.comfyui
     preset = PRESETS[args.preset]

@@ -27,7 +27,6 @@ import datetime as dt
 import os
 import platform
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -59,10 +58,8 @@ def main(argv=None) -> int:
     if args.repeats < 1 or args.steps < 1:
         p.error("--repeats and --steps must be at least 1")
 
-    sys.path.insert(0, str(ROOT / "tests"))
-    from support.host import InProcessHost, ensure_checkpoint, make_base_directory
-
     from comfyui_silo.tools.cli import bootstrap_host
+    from comfyui_silo.tools.host_harness import InProcessHost, ensure_checkpoint, make_base_directory
 
     os.environ["COMFYUI_PATH"] = args.comfyui
     ckpt = ensure_checkpoint(args.variant)

@@ -9,7 +9,7 @@ CPU smoke::
 
     python -m benchmarks.train_operator --variant small --crop-size 64 --batch-size 2 --steps 3
 
-The checkpoint is built with ComfyUI's own classes (tests/support/make_checkpoint.py) and cached in
+The checkpoint is built with ComfyUI's own classes (tools/random_checkpoint.py) and cached in
 .cache/test-models; weights are random, so this measures cost and convergence mechanics, not final quality.
 """
 
@@ -20,7 +20,6 @@ import datetime as dt
 import os
 import platform
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -43,10 +42,8 @@ def main(argv=None) -> int:
     p.add_argument("--markdown", default=None, help="append the table to this markdown file")
     args = p.parse_args(argv)
 
-    sys.path.insert(0, str(ROOT / "tests"))
-    from support.host import ensure_checkpoint
-
     from comfyui_silo.tools.cli import bootstrap_host, parse_degradation
+    from comfyui_silo.tools.host_harness import ensure_checkpoint
 
     os.environ["COMFYUI_PATH"] = args.comfyui
     ckpt = ensure_checkpoint(args.variant)

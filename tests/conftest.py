@@ -87,7 +87,7 @@ def sd15_small(comfy_host, small_checkpoint):
 @pytest.fixture(scope="session")
 def family_models(host_base) -> dict[str, str]:
     """Random checkpoints of the other model families (SDXL, SD2.x v-prediction, SD3, Flux; see
-    support/make_checkpoint.py) and a CLIP-L text encoder, built once (cached like the SD1.5 one) and linked into the
+    tools/random_checkpoint.py) and a CLIP-L text encoder, built once (cached like the SD1.5 one) and linked into the
     test host's models folders: ``{variant: file name}`` for CheckpointLoaderSimple (CLIPLoader for ``clip_l``)."""
     return host_support.ensure_family_models(host_base)
 

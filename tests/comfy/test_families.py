@@ -1,7 +1,7 @@
 """In-process tier: every model family the pack supports, on tiny random checkpoints the host detects as that family
 (SDXL, SD2.x v-prediction, SD3, Flux; SD1.5 is covered by the other files), and the refusal of every other kind.
 
-The checkpoints come from support/make_checkpoint.py (built once, cached in .cache/test-models); one family is
+The checkpoints come from tools/random_checkpoint.py (built once, cached in .cache/test-models); one family is
 loaded at a time (module-scoped, parametrised fixture) and released before the next. Images are 64x64 (8x8
 latents) and runs take 2-3 steps, so the whole file stays within a few minutes on 2 CPU cores.
 """

@@ -1,7 +1,7 @@
 """Server tier: one SILO restoration per model family (SDXL, SD2.x v-prediction, SD3, Flux) queued on a real
 ``python main.py --cpu`` server, as a user of that family would build it (Flux: CLIPLoader + FluxGuidance at CFG 1).
 
-The random checkpoints come from support/make_checkpoint.py (the ``family_models`` fixture links them into the
+The random checkpoints come from tools/random_checkpoint.py (the ``family_models`` fixture links them into the
 server's models folders); 64x64 images and 2 steps keep each run short.
 """
 

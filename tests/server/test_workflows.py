@@ -3,7 +3,7 @@
 current node schemas.
 
 The SD1.x workflows run against the small SD1.5 checkpoint; ``silo_sdxl_*`` against the tiny SDXL one and
-``silo_flux_*`` against the tiny Flux one (support/make_checkpoint.py). The Flux graphs load as Flux users load it
+``silo_flux_*`` against the tiny Flux one (tools/random_checkpoint.py). The Flux graphs load as Flux users load it
 (UNETLoader, DualCLIPLoader clip_l + t5xxl type flux, VAELoader ae): UNETLoader gets the tiny checkpoint itself (the
 host's loader takes a diffusion model out of a checkpoint file), VAELoader a file of its VAE weights cut out of it,
 and the DualCLIPLoader is the one node swapped: T5-XXL (4.7 B parameters) cannot run on a 2-core test machine, so
