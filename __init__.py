@@ -5,9 +5,18 @@ Plain Python can ``import comfyui_silo.operators`` / ``comfyui_silo.samplers`` w
 nothing at import time here touches the host.
 """
 
-from .config.version import __version__  # noqa: F401  (one definition: config/version.py)
-
 WEB_DIRECTORY = "./web"
+
+
+def __getattr__(name: str):
+    """``__version__``, read from its one definition (config/version.py) when asked for. Nothing is imported at
+    module level: test runners may import this file by path, outside any package, when they collect the checkout
+    folder (whatever its name), and a relative import there would fail."""
+    if name == "__version__":
+        from .config.version import __version__
+
+        return __version__
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 async def comfy_entrypoint():
