@@ -82,8 +82,9 @@ def test_pyproject_is_registry_ready():
     assert __version__ is declared, "the package re-exports config/version.py's version"
     assert declared == project["version"], "pyproject.toml's version must equal config/version.py's"
     # the version is written in one place only: no other module assigns __version__
-    writers = [str(f.relative_to(ROOT)) for f in ROOT.rglob("*.py")
-               if ".venv" not in f.parts and re.search(r"^__version__\s*=", f.read_text(), re.M)]
+    writers = [str(f.relative_to(ROOT)) for f in ROOT.rglob("*.py")  # the pack's files, not .venv*/.cache
+               if not any(part.startswith(".") for part in f.relative_to(ROOT).parts)
+               and re.search(r"^__version__\s*=", f.read_text(), re.M)]
     assert writers == ["config/version.py"], writers
 
 
