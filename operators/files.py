@@ -224,6 +224,10 @@ def write_operator(path: str | os.PathLike, operator: torch.nn.Module, *, degrad
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        # mkstemp creates the file 0600; an operator file is shared like any model file: the mode open() would give
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

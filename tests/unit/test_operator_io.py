@@ -543,3 +543,17 @@ def test_command_line_output_paths_are_checked(tmp_path):
                      (tmp_path / ("a" * 300 + ".safetensors"), "at most 100")):
         with pytest.raises(ValueError, match=why):
             check_output_path(bad)
+
+
+def test_saved_files_get_the_mode_of_an_ordinary_file(tmp_path):
+    """The atomic save writes through a private temporary file (mode 0600); the saved operator must not keep that
+    mode, or other users of a shared ComfyUI (and the server running as another user) could not read it."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        path = save_operator(tmp_path / "op.safetensors", LatentOperator(width=8), degradation=DEG, latent_format=SD15)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
