@@ -32,6 +32,7 @@ user's MODEL keeps its own override).
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Callable
 
@@ -194,6 +195,63 @@ def sdpa_extra_args(extra_args: dict | None, model_patcher=None) -> dict:
     mo["transformer_options"] = to
     extra["model_options"] = mo
     return extra
+
+
+# ------------------------------------------------------------------------------------------- operator files
+
+OPERATOR_FOLDER = "latent_operators"
+
+
+def register_operator_folder() -> str:
+    """``models/latent_operators`` (plus any folders ``extra_model_paths.yaml`` gave under that key)."""
+    import folder_paths
+
+    default = os.path.join(folder_paths.models_dir, OPERATOR_FOLDER)
+    os.makedirs(default, exist_ok=True)
+    if OPERATOR_FOLDER in folder_paths.folder_names_and_paths:
+        paths, exts = folder_paths.folder_names_and_paths[OPERATOR_FOLDER]
+        if default not in paths:
+            paths.append(default)
+        folder_paths.folder_names_and_paths[OPERATOR_FOLDER] = (paths, set(exts) | {".safetensors"})
+    else:
+        folder_paths.folder_names_and_paths[OPERATOR_FOLDER] = ([default], {".safetensors"})
+    return default
+
+
+def operator_file_names() -> list[str]:
+    """The operator files the loader offers (relative names, as ComfyUI lists model files)."""
+    import folder_paths
+
+    return folder_paths.get_filename_list(OPERATOR_FOLDER)
+
+
+def operator_file_path(name: str) -> str | None:
+    """The full path of a listed operator file, or None."""
+    import folder_paths
+
+    return folder_paths.get_full_path(OPERATOR_FOLDER, name)
+
+
+def operator_save_folder() -> str:
+    """Where new operator files are written: the first ``latent_operators`` folder."""
+    import folder_paths
+
+    return folder_paths.get_folder_paths(OPERATOR_FOLDER)[0]
+
+
+def compute_device():
+    """The device ComfyUI computes on (GPU, or CPU with ``--cpu``)."""
+    import comfy.model_management as mm
+
+    return mm.get_torch_device()
+
+
+def progress_bar(total: int) -> Callable[[int, int], None]:
+    """``update(done, total)`` moving the running node's progress bar in the browser."""
+    import comfy.utils
+
+    bar = comfy.utils.ProgressBar(total)
+    return bar.update_absolute
 
 
 # ------------------------------------------------------------------------------------------- running solvers

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 
-import folder_paths
 import torch
 from comfy_api.latest import io, ui
 
@@ -15,27 +14,22 @@ from ..operators.io import load_operator, read_operator_metadata, save_operator
 from ..operators.text import bounded
 from ..operators.training import TrainingDataError, TrainSettings, format_report, train_operator
 from .common import CATEGORY, Degradation, LatentOperator, SiloInputError, display_name, image_to_bchw
-from .host import interrupt_check, latent_format_info, make_encoder
+from .host import (
+    OPERATOR_FOLDER,
+    compute_device,
+    interrupt_check,
+    latent_format_info,
+    make_encoder,
+    operator_file_names,
+    operator_file_path,
+    operator_save_folder,
+    progress_bar,
+    register_operator_folder,
+)
 from .plots import training_curve_image
 from .widgets import settings_from_widgets, widget_inputs
 
-FOLDER = "latent_operators"
-
-
-def register_operator_folder() -> str:
-    """``models/latent_operators`` (plus any folders ``extra_model_paths.yaml`` gave under that key)."""
-    default = os.path.join(folder_paths.models_dir, FOLDER)
-    os.makedirs(default, exist_ok=True)
-    if FOLDER in folder_paths.folder_names_and_paths:
-        paths, exts = folder_paths.folder_names_and_paths[FOLDER]
-        if default not in paths:
-            paths.append(default)
-        folder_paths.folder_names_and_paths[FOLDER] = (paths, set(exts) | {".safetensors"})
-    else:
-        folder_paths.folder_names_and_paths[FOLDER] = ([default], {".safetensors"})
-    return default
-
-
+FOLDER = OPERATOR_FOLDER
 register_operator_folder()
 
 
@@ -74,7 +68,7 @@ class LatentOperatorLoader(io.ComfyNode):
                          "network that imitates a degradation inside one VAE's latent space. Use one trained for the "
                          "same degradation and the same model family (latent format) as your checkpoint."),
             inputs=[
-                io.Combo.Input("operator_name", options=folder_paths.get_filename_list(FOLDER),
+                io.Combo.Input("operator_name", options=operator_file_names(),
                                tooltip="Operator file in ComfyUI/models/latent_operators (train one with the Train "
                                        "Latent Operator node or `python -m comfyui_silo train-operator`)."),
             ],
@@ -83,7 +77,7 @@ class LatentOperatorLoader(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, operator_name) -> bool | str:
-        path = folder_paths.get_full_path(FOLDER, operator_name)
+        path = operator_file_path(operator_name)
         if path is None:
             return f"operator file '{bounded(operator_name, 120)}' is not in models/{FOLDER}"
         try:
@@ -94,7 +88,7 @@ class LatentOperatorLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, operator_name) -> io.NodeOutput:
-        path = folder_paths.get_full_path(FOLDER, operator_name)
+        path = operator_file_path(operator_name)
         if path is None:
             raise SiloInputError(display_name(cls), "operator_name",
                                  f"'{bounded(operator_name, 120)}' was not found in models/{FOLDER}.",
@@ -161,9 +155,6 @@ class TrainLatentOperator(io.ComfyNode):
 
     @classmethod
     def execute(cls, images, model, vae, degradation, filename, **widgets) -> io.NodeOutput:
-        import comfy.model_management as mm
-        import comfy.utils
-
         node = display_name(cls)
         settings = settings_from_widgets(TrainSettings, node, **widgets)
         if images.shape[0] < 2:
@@ -175,19 +166,19 @@ class TrainLatentOperator(io.ComfyNode):
             raise SiloInputError(node, "crop_size", f"{settings.crop_size} px is larger than the images ({w}x{h}).",
                                  "Lower crop_size or use larger images.")
         try:
-            out_path = _unique_path(folder_paths.get_folder_paths(FOLDER)[0], filename)
+            out_path = _unique_path(operator_save_folder(), filename)
         except ValueError as e:
             raise SiloInputError(node, "filename", f"{e}.", "Change the file name; it is checked before training.") \
                 from None
         settings = settings.replace(eval_every=max(1, min(250, settings.steps)), heldout_fraction=0.1)
-        device = mm.get_torch_device()
-        pbar = comfy.utils.ProgressBar(settings.steps)
+        device = compute_device()
+        update_bar = progress_bar(settings.steps)
         with torch.inference_mode(False), torch.enable_grad():
             x = image_to_bchw(images, node).clone()
             try:
                 result = train_operator(make_encoder(vae, model), degradation, x, config=settings, device=device,
                                         should_stop=interrupt_check,
-                                        progress=lambda s, n, info: pbar.update_absolute(s, n))
+                                        progress=lambda s, n, info: update_bar(s, n))
             except (SettingError, TrainingDataError) as e:
                 raise SiloInputError(node, e.field, f"{e}.") from None
             except ValueError as e:

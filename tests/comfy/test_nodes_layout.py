@@ -65,6 +65,7 @@ def test_no_private_names_cross_modules():
 
 
 def test_only_the_host_modules_touch_comfy_at_run_time():
-    for mod in ("common", "widgets", "measurement", "silo", "baselines", "metrics"):
+    for mod in ("common", "widgets", "measurement", "silo", "baselines", "metrics", "operator_nodes", "degradation",
+                "plots"):
         host = _graph()[mod][2] & {"comfy", "latent_preview", "folder_paths", "nodes", "comfy_extras"}
         assert not host, f"nodes/{mod}.py imports {sorted(host)}: that belongs in nodes/host.py"

@@ -67,10 +67,14 @@ def test_training_node_writes_a_file_the_loader_lists_and_loads(comfy_host, sd15
                                  random_box_seed=0, jpeg_quality=10)
     g = torch.Generator().manual_seed(0)
     images = torch.rand(3, 64, 64, 3, generator=g)
-    op, report = comfy_host.run_node("SILOTrainLatentOperator", images=images, model=model, vae=vae,
-                                     degradation=deg, steps=4, batch_size=2, crop_size=64, learning_rate=1e-3,
-                                     max_noise_sigma=0.05, pool_size=4, seed=0, filename="ci/sr4_tiny")
+    op, report, curve = comfy_host.run_node("SILOTrainLatentOperator", images=images, model=model, vae=vae,
+                                            degradation=deg, steps=4, batch_size=2, crop_size=64, learning_rate=1e-3,
+                                            max_noise_sigma=0.05, pool_size=4, seed=0, filename="ci/sr4_tiny")
     assert "saved sr4_tiny" in report and "held-out latent L1" in report
+    # the training curve: an IMAGE chart with the operator's line and the two baselines in distinct colours
+    assert curve.ndim == 4 and curve.shape[0] == 1 and curve.shape[-1] == 3 and curve.shape[1] >= 200
+    colours = {tuple(c) for c in (curve[0] * 255).round().reshape(-1, 3).int().tolist()}
+    assert len(colours) > 20, "a chart, not a blank or one-colour image"
     assert op.latent_format["name"] == "SD15" and op.degradation["factor"] == 4
     names = folder_paths.get_filename_list("latent_operators")
     assert "ci/sr4_tiny.safetensors" in names

@@ -239,6 +239,9 @@ def test_shipped_workflow_runs_headlessly(path, comfy_server, object_info, opera
         assert op.latent_format["latent_channels"] == LATENT_FORMATS.get(family, SD15)["latent_channels"]
         train_id = next(i for i, n in api.items() if n["class_type"] == "SILOTrainLatentOperator")
         assert "held-out" in "".join(outputs[train_id]["text"])
+        curve_ids = [i for i, n in api.items() if n["class_type"] == "PreviewImage"
+                     and n["inputs"]["images"][0] == train_id]
+        assert len(curve_ids) == 1 and outputs[curve_ids[0]]["images"], "the training curve is previewed"
         return
     assert saved, f"{path.name} saved no image"
     sizes = []
