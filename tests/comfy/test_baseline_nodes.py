@@ -118,7 +118,7 @@ def test_baselines_leave_no_memory_behind(comfy_host, setup):
     _dps(comfy_host, setup, steps=2, gluing=0.1)
     _resample(comfy_host, setup, steps=2, latent_steps=3)
     after = live_tensors()
-    assert after[1] == before[1] == 0, "no autograd graph survives"
+    assert after[1] == before[1], f"no autograd graph survives ({before[1]} before, {after[1]} after)"
     assert after[0] - before[0] < 64 * 1024, f"{after[0] - before[0]} bytes of tensors leaked"
 
 

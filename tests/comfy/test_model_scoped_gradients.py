@@ -90,7 +90,8 @@ def test_guided_runs_leave_plain_sampling_bit_identical(comfy_host, fresh):
     assert repr(model.model_options) == options_before and (len(model.patches), len(vae.patcher.patches)) == \
         patches_before, "the MODEL's options and patches are untouched"
     after_bytes, after_graph = live_tensors()
-    assert after_graph == before_graph == 0, "no autograd graph survives"
+    # relative to before: a deliberate failing backward in an earlier test module may still hold its graph
+    assert after_graph == before_graph, f"no autograd graph survives ({before_graph} before, {after_graph} after)"
     # the operator file's module and the cached measurement are gone; a second UNet would be megabytes
     assert after_bytes - before_bytes < 256 * 1024, f"{after_bytes - before_bytes} bytes more held after the runs"
 

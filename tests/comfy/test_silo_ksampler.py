@@ -193,7 +193,8 @@ def test_memory_is_returned_after_an_interrupt_or_an_error(comfy_host, sd15_smal
     assert not mm.processing_interrupted()
     del info, sab
     after_bytes, after_graph = live_tensors()
-    assert after_graph == before_graph == 0, "no autograd graph or .grad survives the failed run"
+    # relative to before: a deliberate failing backward in an earlier test module may still hold its graph
+    assert after_graph == before_graph, f"no autograd graph or .grad survives the failed run ({before_graph} before, {after_graph} after)"
     assert after_bytes - before_bytes < 64 * 1024, f"{after_bytes - before_bytes} bytes of tensors leaked"
     assert (dict(model.model_options.get("transformer_options", {})), len(model.patches)) == patches_before
     out, trace = _run(comfy_host, model, cond, latent, meas, op, steps=2, eta=1.0)  # and the host still samples

@@ -442,7 +442,7 @@ def test_clear_errors(lw):
             sample_resample(m, x, sig, None, **{**base, **kw})
 
     bad("measurement=", measurement=None)
-    bad("degradation=", degradation="blur")
+    bad("degradation must be a callable", degradation="blur")
     bad("decoder=", decoder=None)
     bad("encoder must be None or a callable", encoder=3)
     bad(r"optimization='pixel' needs encoder=", optimization="pixel")

@@ -341,4 +341,4 @@ def test_clear_errors(setup):
     with pytest.raises(ValueError, match="SILO has no setting 'etta'"):
         _run(world, w, sig, x, etta=1.0)
     with pytest.raises(ValueError, match="'parameterization' must be one of 'vp', 'flow'"):
-        _run(world, w, sig, x, parameterization="edm")
+        _run(world, w, sig, x, parameterization="edm", model=world.denoiser("vp"))
