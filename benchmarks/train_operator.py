@@ -67,13 +67,16 @@ def main(argv=None) -> int:
     times = []
 
     def progress(step, total, info):
+        if info.get("phase") == "encoding":
+            return
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter())
 
     t0 = time.perf_counter()
     res = train_operator(encode, spec, imgs, steps=args.steps, batch_size=args.batch_size, crop_size=args.crop_size,
-                         eval_every=args.eval_every, heldout_fraction=0.25, seed=0, device=device, progress=progress)
+                         eval_every=args.eval_every, heldout_fraction=0.25, seed=0, device=device, progress=progress,
+                         pool_size=0)
     total = time.perf_counter() - t0
     steady = times[len(times) // 5:]
     sps = (len(steady) - 1) / (steady[-1] - steady[0]) if len(steady) > 2 else args.steps / total

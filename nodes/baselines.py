@@ -84,8 +84,8 @@ def pixel_guided_sampler_function(model, x, sigmas, extra_args=None, callback=No
         if solver.needs_encoder(settings):
             options["encoder"] = encode
     return guarded_sample(solver.sample, model, x, sigmas, extra_args, callback, disable, node=node,
-                          model_patcher=model_patcher, measurement=y, degradation=degradation, decoder=decode,
-                          **options).to(dtype)
+                          model_patcher=model_patcher, downscale=meas.downscale, measurement=y,
+                          degradation=degradation, decoder=decode, **options).to(dtype)
 
 
 def build_pixel_sampler(solver: str, model, vae, measurement, node: str, widgets: dict):
@@ -133,6 +133,7 @@ class LatentDPSKSampler(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="SILOLatentDPSKSampler",
+            is_output_node=True,  # shows text: the host re-sends a cached output node's result
             display_name="Latent DPS / PSLD KSampler",
             category=CATEGORY,
             description=("Baseline: Latent-DPS, or PSLD with gluing > 0. Every step decodes the denoised latent with "
@@ -154,6 +155,7 @@ class ReSampleKSampler(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="SILOReSampleKSampler",
+            is_output_node=True,  # shows text: the host re-sends a cached output node's result
             display_name="ReSample KSampler",
             category=CATEGORY,
             description=("Baseline: ReSample (hard data consistency). DDIM in latent space; at regular steps the "

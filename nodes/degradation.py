@@ -49,10 +49,18 @@ def widget_of_field(kind: str, field: str) -> str:
     return "type"
 
 
+def _owned_by(kind: str, widget: io.Input) -> io.Input:
+    """Marks a widget as belonging to degradation type ``kind`` (an extra input option the host passes through)."""
+    widget.extra_dict = {**(getattr(widget, "extra_dict", None) or {}), "silo_degradation_type": kind}
+    return widget
+
+
 class DegradationNode(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        fields = [widget_input(dataclasses.replace(spec, name=name), tooltip=f"{kind}: {spec.tooltip}")
+        # `silo_degradation_type` lets the web extension (web/js/silo_degradation.js) show only the chosen type's
+        # widgets; the host passes unknown input options through to the frontend untouched.
+        fields = [_owned_by(kind, widget_input(dataclasses.replace(spec, name=name), tooltip=f"{kind}: {spec.tooltip}"))
                   for kind, name, spec in degradation_widgets()]
         return io.Schema(
             node_id="SILODegradation",
@@ -61,7 +69,7 @@ class DegradationNode(io.ComfyNode):
             description=(
                 "Describes how a photo was degraded (blur, low resolution, missing region, JPEG). Connect it to "
                 "Encode Measurement and Apply Degradation; a latent operator must be trained for the same degradation. "
-                "Only the widgets of the chosen type are used."),
+                "Only the widgets of the chosen type are shown and used."),
             inputs=[
                 io.Combo.Input("type", options=DEGRADATION_TYPES, default="gaussian_blur",
                                tooltip="The kind of degradation. The papers' settings are the defaults of each widget."),

@@ -165,6 +165,16 @@ def _kind_text(d: dict) -> str:
     return text + ")"
 
 
+def vae_downscale(vae) -> int:
+    """Pixels per latent cell of a VAE (8 for SD/SDXL/SD3/Flux VAEs), read from the VAE itself."""
+    get = getattr(vae, "spacial_compression_encode", None)
+    try:
+        value = get() if callable(get) else getattr(vae, "downscale_ratio", 8)
+    except Exception:  # noqa: BLE001 - an unusual VAE object: keep the common factor
+        value = 8
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 8
+
+
 def latent_format_facts(model, vae=None) -> dict:
     """The latent space a MODEL samples in, as the JSON dict stored in operator files, plus the family it belongs to.
 
@@ -185,7 +195,7 @@ def latent_format_facts(model, vae=None) -> dict:
         "latent_channels": int(getattr(lf, "latent_channels", getattr(vae, "latent_channels", 4))),
         "scale_factor": float(getattr(lf, "scale_factor", 1.0)) if lf is not None else 1.0,
         "shift_factor": float(getattr(lf, "shift_factor", 0.0) or 0.0) if lf is not None else 0.0,
-        "downscale": int(getattr(vae, "downscale_ratio", 8)) if vae is not None else 8,
+        "downscale": vae_downscale(vae) if vae is not None else 8,
         "latent_dimensions": int(getattr(lf, "latent_dimensions", 2)) if lf is not None else 2,
     }
     if lf is not None and getattr(lf, "latents_mean", None) is not None:

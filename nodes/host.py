@@ -32,6 +32,7 @@ user's MODEL keeps its own override).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import time
 from collections.abc import Callable
@@ -40,7 +41,7 @@ import torch
 
 from ..samplers.core import NonFiniteStateError
 from .common import SiloInputError
-from .families import gradient_transformer_options, latent_format_facts, parameterization
+from .families import gradient_transformer_options, latent_format_facts, parameterization, vae_downscale
 
 __all__ = [
     "NonFiniteSampleError",
@@ -52,14 +53,17 @@ __all__ = [
     "ksampler",
     "ksampler_inputs",
     "latent_format_info",
+    "make_decoder",
     "make_encoder",
     "make_weights_differentiable",
     "process_in",
     "progress_reporter",
+    "progress_text",
     "run_guided_ksampler",
     "sample_seeds",
     "sdpa_attention_override",
     "sdpa_extra_args",
+    "vae_downscale",
     "with_model_parameterization",
 ]
 
@@ -99,6 +103,19 @@ def make_encoder(vae, model) -> Callable[[torch.Tensor], torch.Tensor]:
         return z.clone()
 
     return encode
+
+
+def make_decoder(vae, model) -> Callable[[torch.Tensor], torch.Tensor]:
+    """latent in the model's sampling space -> image [B,3,H,W] in [0,1] through ComfyUI's own ``VAE.decode`` (for
+    the training report's decoded fidelity; never used for guidance)."""
+    lf = model.get_model_object("latent_format")
+
+    def decode(z: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            x = vae.decode(lf.process_out(z.detach().float())).float()
+        return x.clone().movedim(-1, 1).to(z.device).clamp(0.0, 1.0)
+
+    return decode
 
 
 def differentiable_vae(vae, model):
@@ -263,27 +280,58 @@ def interrupt_check() -> None:
     comfy.model_management.throw_exception_if_processing_interrupted()
 
 
-def progress_reporter(min_interval: float = 0.25) -> Callable[[str, int, int], None]:
-    """A ``progress(phase, done, total)`` callable for a solver's long inner work (ReSample's consistency
-    optimisation): every call checks Cancel; the node's progress bar shows ``done/total`` of the current phase
-    (at most every ``min_interval`` seconds, and always at a phase's end), so a browser user sees it moving. The
-    sampling steps' own callback sets the bar back to the step count afterwards (phase ``"step"`` only checks
-    Cancel: the host's step callback already moves the bar)."""
+#: The running node's bar when one node samples several times (Restore with N Seeds): ``(offset, total)`` in
+#: steps, so run k's step i shows as ``offset + i`` of ``total``. None: the bar is the sampler's own steps.
+_BAR_SPAN: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar("silo_bar_span", default=None)
+
+
+def progress_reporter(n_steps: int, on_step: Callable[[], None] | None = None,
+                      min_interval: float = 0.25) -> Callable[[str, int, int], None]:
+    """A ``progress(phase, done, total)`` callable for a solver run of ``n_steps`` steps, so that the node has one
+    bar that never moves backwards. Every call checks Cancel. Phase ``"step"`` (a step is finished, its inner work
+    included) calls ``on_step`` (:func:`guarded_sample` hands the host's step callback over then, so the step's bar
+    update and preview come after its inner work). Any other phase (ReSample's consistency optimisation) is inner
+    work of the current step and moves the bar *within* that step: ``steps done + done/total`` (at most every
+    ``min_interval`` seconds), never past the next step's mark and never back."""
     import comfy.utils
 
-    bar = comfy.utils.ProgressBar(1)
-    last = [0.0]
+    offset, bar_total = _BAR_SPAN.get() or (0, n_steps)
+    bar = comfy.utils.ProgressBar(bar_total)
+    state = {"steps": 0, "shown": float(offset), "at": 0.0}
 
     def progress(phase: str, done: int, total: int) -> None:
         interrupt_check()
-        if phase == "step" or total <= 0:
+        if phase == "step":
+            state["steps"] = int(done)
+            state["shown"] = max(state["shown"], float(offset + min(int(done), n_steps)))
+            if on_step is not None:
+                on_step()
+            return
+        if total <= 0:
             return
         now = time.monotonic()
-        if done >= total or now - last[0] >= min_interval:
-            last[0] = now
-            bar.update_absolute(min(int(done), int(total)), int(total))
+        if done < total and now - state["at"] < min_interval:
+            return
+        step = min(state["steps"], max(n_steps - 1, 0))
+        value = offset + step + 0.99 * min(max(done / total, 0.0), 1.0)
+        if value > state["shown"]:
+            state["shown"], state["at"] = value, now
+            bar.update_absolute(value, bar_total)
 
     return progress
+
+
+def progress_text(text: str) -> None:
+    """A line of text under the running node's title in the browser (e.g. which seed is sampling)."""
+    from comfy_execution.utils import get_executing_context
+    from server import PromptServer
+
+    context = get_executing_context()
+    server = getattr(PromptServer, "instance", None)
+    if context is None or server is None or getattr(server, "client_id", None) is None:
+        return
+    with contextlib.suppress(Exception):  # a display nicety: never fail a run for it
+        server.send_progress_text(text, context.node_id, server.client_id)
 
 
 class SiloOutOfMemoryError(torch.OutOfMemoryError):
@@ -295,26 +343,35 @@ class NonFiniteSampleError(RuntimeError):
 
 
 def guarded_sample(sample_fn, model, x, sigmas, extra_args, callback, disable, *, node: str, model_patcher,
-                   **options):
+                   downscale: int = 8, **options):
     """Run a pure-torch sampler the host's way: attention forced to SDPA for this run, Cancel checked every step and
     every inner iteration (``progress``, which also moves the node's bar during a solver's inner optimisation),
     out-of-memory explained, and a non-finite state reported as the node's error naming the step."""
+    pending: list = []  # the host's callback for the current step, handed over when the step is finished
+
     def step_callback(info):
         interrupt_check()  # Cancel stops at the next step, also in SamplerCustom without previews
         if callback is not None:
-            callback(info)
+            pending[:] = [info]
+
+    def hand_over():
+        if pending:
+            callback(pending.pop())
 
     try:
-        return sample_fn(model, x, sigmas, extra_args=sdpa_extra_args(extra_args, model_patcher),
-                         callback=step_callback,
-                         disable=disable, progress=progress_reporter(), **options)
+        out = sample_fn(model, x, sigmas, extra_args=sdpa_extra_args(extra_args, model_patcher),
+                        callback=step_callback, disable=disable,
+                        progress=progress_reporter(max(len(sigmas) - 1, 0), hand_over), **options)
+        hand_over()  # an early stop returns before its step is finished
+        return out
     except torch.OutOfMemoryError as e:
         gradient = getattr(options.get("settings"), "gradient", None)  # ReSample has no such input
         advice = ("Try gradient 'x0' (no backward pass through the UNet), a smaller image or batch, or start "
                   "ComfyUI with --lowvram." if gradient == "unet" else
                   "Try a smaller image or batch, or start ComfyUI with --lowvram.")
         raise SiloOutOfMemoryError(
-            f"guided sampling ran out of memory at {x.shape[-1] * 8}x{x.shape[-2] * 8} px, batch {x.shape[0]}"
+            f"guided sampling ran out of memory at {x.shape[-1] * downscale}x{x.shape[-2] * downscale} px, batch "
+            f"{x.shape[0]}"
             + (f", gradient '{gradient}'. " if gradient else ". ") + advice
             + f" ({str(e).splitlines()[0] if str(e) else 'out of memory'})") from None
     except NonFiniteStateError as e:
@@ -371,14 +428,25 @@ def sample_seeds(guider, sampler, sigmas, latent_image, seeds: list[int]) -> tor
     import latent_preview
 
     latent = comfy.sample.fix_empty_latent_channels(guider.model_patcher, latent_image["samples"])
+    steps = sigmas.shape[-1] - 1
+    total = steps * len(seeds)
+    previews = latent_preview.prepare_callback(guider.model_patcher, total, {})  # one bar: seeds x steps
     out = []
     try:
-        for seed in seeds:
+        for k, seed in enumerate(seeds):
             interrupt_check()
+            progress_text(f"seed {seed} ({k + 1} of {len(seeds)})")
             noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
-            callback = latent_preview.prepare_callback(guider.model_patcher, sigmas.shape[-1] - 1, {})
-            z = guider.sample(noise, latent, sampler, sigmas, denoise_mask=latent_image.get("noise_mask"),
-                              callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+
+            def callback(step, x0, x, total_steps, offset=k * steps):
+                previews(offset + step, x0, x, total)
+
+            token = _BAR_SPAN.set((k * steps, total))
+            try:
+                z = guider.sample(noise, latent, sampler, sigmas, denoise_mask=latent_image.get("noise_mask"),
+                                  callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+            finally:
+                _BAR_SPAN.reset(token)
             out.append(z.to(mm.intermediate_device()))
     finally:
         with contextlib.suppress(Exception):

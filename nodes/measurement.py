@@ -11,6 +11,7 @@ import torch
 from comfy_api.latest import io
 
 from .common import CATEGORY, Degradation, Measurement, SiloInputError, display_name, image_to_bchw, require_finite
+from .host import vae_downscale
 
 __all__ = ["EncodeMeasurement", "EncodedMeasurement", "check_early_stop", "check_latent_fits",
            "check_latent_image_finite"]
@@ -26,6 +27,7 @@ class EncodedMeasurement:
     degradation: object  # the Degradation module
     noise_sigma: float
     pixel_mask: torch.Tensor | None  # [B,1,H,W], 1 = missing (inpainting types)
+    downscale: int = 8  # pixels per latent cell, read from the VAE that encoded it
 
 
 _MASK_ADVICE = {
@@ -66,7 +68,8 @@ class EncodeMeasurement(io.ComfyNode):
         node = display_name(cls)
         y = require_finite(image_to_bchw(image, node), node, "image", "the photo",
                            "Load the photo again, or check the node that produced it.")
-        size = cls._restored_size(node, degradation, y)
+        downscale = vae_downscale(vae)
+        size = cls._restored_size(node, degradation, y, downscale)
         mask = cls._mask(node, degradation, y)
         lifted = degradation.lift(y, size=size)
         if mask is not None:
@@ -78,19 +81,23 @@ class EncodeMeasurement(io.ComfyNode):
         require_finite(latent, node, "vae", "the VAE's latent of the photo",
                        "The VAE overflowed: run it in fp32 (--fp32-vae) or use another VAE.")
         meas = EncodedMeasurement(latent=latent, pixels=y, lifted=lifted, degradation=degradation,
-                                  noise_sigma=float(noise_sigma), pixel_mask=mask)
+                                  noise_sigma=float(noise_sigma), pixel_mask=mask, downscale=downscale)
         return io.NodeOutput(meas, {"samples": latent})
 
     @staticmethod
-    def _restored_size(node: str, degradation, y: torch.Tensor) -> tuple[int, int]:
-        """The output size: the photo's, or (super-resolution) the photo's times the factor; a multiple of 8."""
+    def _restored_size(node: str, degradation, y: torch.Tensor, downscale: int = 8) -> tuple[int, int]:
+        """The output size: the photo's, or (super-resolution) the photo's times the factor; a multiple of the VAE's
+        downscale factor (8 for the SD/SDXL/SD3/Flux VAEs)."""
         h, w = y.shape[-2:]
         factor = 1 if degradation.same_size else int(degradation.spec["factor"])
         h, w = h * factor, w * factor
-        if h % 8 or w % 8:
-            fix = ("Resize or crop the photo so that its size times the factor is a multiple of 8." if factor > 1
-                   else "Crop or pad the photo to a multiple of 8 pixels.")
-            raise SiloInputError(node, "image", f"the restored size {w}x{h} is not a multiple of 8.", fix)
+        if h % downscale or w % downscale:
+            fix = (f"Resize or crop the photo so that its size times the factor is a multiple of {downscale} "
+                   f"(e.g. with an Upscale Image or ImageCrop node before Encode Measurement)." if factor > 1 else
+                   f"Crop or pad the photo to a multiple of {downscale} pixels (e.g. with an ImageCrop or Pad "
+                   "Image for Outpainting node before Encode Measurement).")
+            raise SiloInputError(node, "image", f"the restored size {w}x{h} is not a multiple of {downscale} (the "
+                                 "VAE's downscale factor).", fix)
         return h, w
 
     @staticmethod

@@ -105,6 +105,7 @@ class PixelUncertainty(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="SILOPixelUncertainty",
+            is_output_node=True,  # shows text: the host re-sends a cached output node's result
             display_name="Pixel Uncertainty",
             category=CATEGORY,
             description=("Pixel-wise uncertainty of a restoration (DiracDiffusion): give it several restorations of "
@@ -138,6 +139,7 @@ class RestoreSeeds(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="SILORestoreSeeds",
+            is_output_node=True,  # shows text: the host re-sends a cached output node's result
             display_name="Restore with N Seeds (uncertainty)",
             category=CATEGORY,
             description=("Runs the sampler you give it (SILO Sampler, Latent DPS / PSLD Sampler, ReSample Sampler or "

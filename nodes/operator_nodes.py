@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -9,6 +10,7 @@ from comfy_api.latest import io, ui
 
 from ..config import SettingError
 from ..operators.degradations import describe_spec
+from ..operators.fidelity import stored_errors, stored_verdict
 from ..operators.files import latent_family, operator_file_name
 from ..operators.io import load_operator, read_operator_metadata, save_operator
 from ..operators.text import bounded
@@ -19,11 +21,13 @@ from .host import (
     compute_device,
     interrupt_check,
     latent_format_info,
+    make_decoder,
     make_encoder,
     operator_file_names,
     operator_file_path,
     operator_save_folder,
     progress_bar,
+    progress_text,
     register_operator_folder,
 )
 from .plots import training_curve_image
@@ -33,13 +37,57 @@ FOLDER = OPERATOR_FOLDER
 register_operator_folder()
 
 
-def _number(value, fmt: str) -> str:
-    return format(value, fmt) if isinstance(value, (int, float)) and not isinstance(value, bool) else "?"
+def quality_lines(training: dict) -> list[str]:
+    """What a file says about its operator's quality: held-out errors next to both trivial baselines, decoded
+    fidelity next to the VAE's floor when it was measured, and the verdict (computed from the numbers for files
+    written before verdicts were stored), so a useless operator is flagged wherever it is loaded."""
+    lines = []
+    errors = stored_errors(training)
+    if errors is not None:
+        metric, (op, ident, naive) = errors
+        if metric == "rel_l2":
+            lines.append(f"held-out latent error: operator {op:.3f} | identity {ident:.3f} | "
+                         f"degradation-on-latent {naive:.3f} (relative L2, lower is better)")
+        else:
+            lines.append(f"held-out L1: operator {op:.4f} | identity {ident:.4f} | degradation-on-latent {naive:.4f}")
+    fid = training.get("fidelity") if isinstance(training.get("fidelity"), dict) else {}
+    dec = fid.get("decoded") if isinstance(fid.get("decoded"), dict) else {}
+    psnr = [dec.get(k, {}).get("psnr") if isinstance(dec.get(k), dict) else None
+            for k in ("operator", "floor", "identity")]
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in psnr):
+        gap = dec.get("gap_closed")
+        lines.append(f"decoded PSNR: operator {psnr[0]:.1f} dB | VAE floor {psnr[1]:.1f} dB | identity "
+                     f"{psnr[2]:.1f} dB" + (f" | gap closed {gap:.0%}" if isinstance(gap, (int, float))
+                                            and math.isfinite(gap) else ""))
+    judged = stored_verdict(training)
+    if judged is not None:
+        lines.append(judged["text"])
+    return lines
+
+
+def training_progress(steps: int, pool_size: int | None):
+    """The training node's ``progress(step, total, info)``: one bar over encoding the pool (``pool_size`` pairs,
+    none with fresh pairs) and then the ``steps`` optimiser steps, so the bar moves from the start and never back;
+    the node's text line says which phase runs."""
+    pool_size = pool_size or 0  # None: fresh pairs every step, no encoding phase
+    bar = progress_bar(pool_size + steps)
+    phase = [None]
+
+    def progress(step: int, total: int, info: dict) -> None:
+        encoding = info.get("phase") == "encoding"
+        if encoding != phase[0]:
+            phase[0] = encoding
+            progress_text(f"encoding {pool_size} training pairs" if encoding else f"training {total} steps")
+        done = int(info.get("encoded", 0)) if encoding else pool_size + int(step)
+        bar(min(done, pool_size + total), pool_size + total)
+
+    return progress
 
 
 def describe_operator(meta: dict) -> str:
-    """The loader's text: what the operator emulates, for which family, how it was trained. Every value comes from
-    the file, so each is bounded (a 30 MB string in the metadata must not become 30 MB of UI text)."""
+    """The loader's text: what the operator emulates, for which family, how it was trained and how good it is.
+    Every value comes from the file, so each is bounded (a 30 MB string in the metadata must not become 30 MB of UI
+    text)."""
     deg = meta.get("degradation", {})
     lf = meta.get("latent_format", {})
     tr = meta.get("training") or {}
@@ -47,13 +95,10 @@ def describe_operator(meta: dict) -> str:
              f"latent format: {latent_family(lf)} ({bounded(lf.get('latent_channels', '?'), 20)} channels, "
              f"scale {bounded(lf.get('scale_factor', '?'), 20)}, shift {bounded(lf.get('shift_factor', 0.0), 20)})",
              f"architecture: {bounded(meta.get('architecture', {}).get('class', '?'), 60)}"]
-    if tr:
+    if isinstance(tr, dict) and tr:
         lines.append(f"trained {bounded(tr.get('steps', '?'), 20)} steps on {bounded(tr.get('images', '?'), 20)} "
                      f"images ({bounded(tr.get('date', '?'), 40)})")
-        held = tr.get("heldout")
-        if isinstance(held, dict) and isinstance(held.get("operator"), dict) and isinstance(held.get("identity"), dict):
-            lines.append(f"held-out L1: operator {_number(held['operator'].get('l1'), '.4f')}, "
-                         f"identity {_number(held['identity'].get('l1'), '.4f')}")
+        lines += quality_lines(tr)
     return "\n".join(lines)
 
 
@@ -62,6 +107,7 @@ class LatentOperatorLoader(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="SILOLatentOperatorLoader",
+            is_output_node=True,  # shows text: the host re-sends a cached output node's result
             display_name="Latent Degradation Operator",
             category=CATEGORY,
             description=("Loads a latent degradation operator (.safetensors from models/latent_operators): a small "
@@ -79,7 +125,11 @@ class LatentOperatorLoader(io.ComfyNode):
     def validate_inputs(cls, operator_name) -> bool | str:
         path = operator_file_path(operator_name)
         if path is None:
-            return f"operator file '{bounded(operator_name, 120)}' is not in models/{FOLDER}"
+            return (f"{display_name(cls)}: operator file '{bounded(operator_name, 120)}' is not in models/{FOLDER}. "
+                    "Train one: open the "
+                    "workflow 'silo_train_operator_from_generated_images' (Workflow > Browse Templates > SILO "
+                    "restoration) or run `python -m comfyui_silo train-operator`; files added by hand appear after "
+                    "Refresh Node Definitions (R)")
         try:
             read_operator_metadata(path)
         except ValueError as e:
@@ -92,8 +142,9 @@ class LatentOperatorLoader(io.ComfyNode):
         if path is None:
             raise SiloInputError(display_name(cls), "operator_name",
                                  f"'{bounded(operator_name, 120)}' was not found in models/{FOLDER}.",
-                                 "Put the file there (or in a folder listed under latent_operators in "
-                                 "extra_model_paths.yaml) and press R to refresh.")
+                                 "Train one with the workflow 'silo_train_operator_from_generated_images' or "
+                                 "`python -m comfyui_silo train-operator`, or put the file there (or in a folder "
+                                 "listed under latent_operators in extra_model_paths.yaml) and press R to refresh.")
         try:
             op = load_operator(path, device="cpu")
         except ValueError as e:
@@ -172,13 +223,14 @@ class TrainLatentOperator(io.ComfyNode):
                 from None
         settings = settings.replace(eval_every=max(1, min(250, settings.steps)), heldout_fraction=0.1)
         device = compute_device()
-        update_bar = progress_bar(settings.steps)
+        progress = training_progress(settings.steps, settings.pool_size)
         with torch.inference_mode(False), torch.enable_grad():
             x = image_to_bchw(images, node).clone()
             try:
                 result = train_operator(make_encoder(vae, model), degradation, x, config=settings, device=device,
+                                        decode=make_decoder(vae, model),
                                         should_stop=interrupt_check,
-                                        progress=lambda s, n, info: update_bar(s, n))
+                                        progress=progress)
             except (SettingError, TrainingDataError) as e:
                 raise SiloInputError(node, e.field, f"{e}.") from None
             except ValueError as e:

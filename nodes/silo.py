@@ -11,6 +11,7 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..operators.degradations import spec_mismatch
+from ..operators.fidelity import stored_verdict
 from ..operators.io import latent_format_compatible
 from ..operators.training import LATENT_CLAMP
 from ..samplers.silo import SiloSettings, sample_silo
@@ -48,7 +49,8 @@ def silo_sampler_function(model, x, sigmas, extra_args=None, callback=None, disa
     dev, dtype = x.device, x.dtype
     with torch.inference_mode(False):
         w = process_in(model_patcher, meas.latent.to(dev, torch.float32)).clamp(-LATENT_CLAMP, LATENT_CLAMP).clone()
-        check_latent_fits(node, x, (w.shape[-2] * 8, w.shape[-1] * 8), w.shape[0])
+        check_latent_fits(node, x, (w.shape[-2] * meas.downscale, w.shape[-1] * meas.downscale), w.shape[0],
+                          meas.downscale)
         module = op.module.to(dev)
         # operators loaded by a node come out of inference mode (the executor runs nodes under it): autograd must be
         # able to save their weights, in both gradient modes
@@ -61,7 +63,8 @@ def silo_sampler_function(model, x, sigmas, extra_args=None, callback=None, disa
         if settings.gradient == "unet" and settings.eta > 0:
             make_weights_differentiable(diffusion_model(model_patcher))
     return guarded_sample(sample_silo, model, x, sigmas, extra_args, callback, disable, node=node,
-                          model_patcher=model_patcher, measurement=w.to(dtype), operator=operator, **options).to(dtype)
+                          model_patcher=model_patcher, downscale=meas.downscale, measurement=w.to(dtype),
+                          operator=operator, **options).to(dtype)
 
 
 def check_operator(model, op, measurement, node: str, on_mismatch: str = "error") -> str:
@@ -71,14 +74,16 @@ def check_operator(model, op, measurement, node: str, on_mismatch: str = "error"
     everything fits."""
     ok, why = latent_format_compatible(op.latent_format, latent_format_info(model))
     if not ok:
-        raise SiloInputError(node, "operator", f"this operator was trained for another latent space: {why}.",
+        raise SiloInputError(node, "operator", f"this operator was trained for another latent space: {why.rstrip('.')}.",
                              "Use an operator trained for this checkpoint's model family, or train one with the "
                              "Train Latent Operator node.")
+    judged = stored_verdict(op.training or {})
+    quality = f"Operator quality: {judged['text']}" if judged is not None and judged["level"] == "weak" else ""
     if measurement is None:
-        return ""
+        return quality
     mismatch = spec_mismatch(op.degradation, measurement.degradation.spec)
     if not mismatch:
-        return ""
+        return quality
     why = mismatch.why
     fix = ("Load an operator trained for the same degradation as the Degradation node of Encode Measurement (or "
            "train one with Train Latent Operator).")
@@ -89,7 +94,7 @@ def check_operator(model, op, measurement, node: str, on_mismatch: str = "error"
                              fix[:-1] + ", or set on_mismatch to 'warn' to run anyway (results may be off).")
     warning = f"Warning: {why}; results may be off (on_mismatch = 'warn')."
     logging.warning("[comfyui-silo] %s: %s", node, warning)
-    return warning
+    return "\n".join(t for t in (warning, quality) if t)
 
 
 def build_silo_sampler(model, measurement, operator, settings: SiloSettings, node: str, on_mismatch: str = "error"):
@@ -128,6 +133,7 @@ class SiloKSampler(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="SILOKSampler",
+            is_output_node=True,  # shows text: the host re-sends a cached output node's result
             display_name="SILO KSampler",
             category=CATEGORY,
             description=("KSampler with SILO guidance: every step is pulled towards consistency with the encoded "

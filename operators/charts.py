@@ -66,6 +66,18 @@ def _fmt(v: float) -> str:
     return f"{v:g}"
 
 
+def _canvas(size: tuple[int, int], left: int, s: float, title: str, note: str | None, f_title, f_small):
+    """A blank chart: background, the title and the optional note line under it."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", size, BACKGROUND)
+    d = ImageDraw.Draw(img)
+    d.text((left, round(10 * s)), title, fill=INK, font=f_title)
+    if note:
+        d.text((left, round(32 * s)), note, fill=(90, 90, 90), font=f_small)
+    return img, d
+
+
 def line_chart(series: Mapping[str, Sequence[tuple[float, float]]], *, title: str, xlabel: str, ylabel: str,
                size: tuple[int, int] = (640, 400), log_y: bool | None = None,
                dashed: Iterable[str] = (), note: str = "", integer_x: bool = False):
@@ -77,7 +89,6 @@ def line_chart(series: Mapping[str, Sequence[tuple[float, float]]], *, title: st
     (steps). Raises ``ValueError`` when there is
     nothing to draw.
     """
-    from PIL import Image, ImageDraw
 
     pts = {k: sorted((float(x), float(y)) for x, y in v if math.isfinite(float(x)) and math.isfinite(float(y)))
            for k, v in series.items()}
@@ -118,11 +129,7 @@ def line_chart(series: Mapping[str, Sequence[tuple[float, float]]], *, title: st
         v = math.log10(y) if log_y else y
         return top + (H - top - bottom) * (1 - (v - y_lo) / (y_hi - y_lo))
 
-    img = Image.new("RGB", (W, H), BACKGROUND)
-    d = ImageDraw.Draw(img)
-    d.text((left, round(10 * s)), title, fill=INK, font=f_title)
-    if note:
-        d.text((left, round(32 * s)), note, fill=(90, 90, 90), font=f_small)
+    img, d = _canvas((W, H), left, s, title, note, f_title, f_small)
     y_ticks = log_ticks(10 ** y_lo, 10 ** y_hi) if log_y else nice_ticks(y_lo, y_hi)
     for t in y_ticks:
         y = py(t)
@@ -167,6 +174,57 @@ def line_chart(series: Mapping[str, Sequence[tuple[float, float]]], *, title: st
         else:
             d.line(seg, fill=c, width=width)
         d.text((x0 + round(24 * s), ly), label, fill=INK, font=f_small)
+        ly += round(17 * s)
+    return img
+
+
+def bar_chart(groups: Sequence[str], series: Mapping[str, Sequence[float]], *, title: str, ylabel: str,
+              size: tuple[int, int] = (900, 480), note: str = "", group_labels: Sequence[str] = ()):
+    """Grouped bars: one group per entry of ``groups``, one bar per series (``{label: [value per group]}``), the
+    axis starting at the smallest value's round tick below; ``group_labels`` are written above each group."""
+
+    values = [float(v) for vs in series.values() for v in vs if math.isfinite(float(v))]
+    if not groups or not values:
+        raise ValueError("bar_chart: nothing to draw")
+    W, H = size
+    s = H / 400
+    f_title, f_small = font(max(10, round(16 * s))), font(max(9, round(12 * s)))
+    left, right, top, bottom = round(64 * s), round(16 * s), round((58 if note else 42) * s), round(46 * s)
+    ticks = nice_ticks(min(values), max(values))
+    y_lo = min(ticks[0], min(values)) - (ticks[1] - ticks[0] if len(ticks) > 1 else 1) * 0.5
+    y_hi = max(ticks[-1], max(values)) + (ticks[1] - ticks[0] if len(ticks) > 1 else 1) * 0.6
+
+    def py(v: float) -> float:
+        return top + (H - top - bottom) * (1 - (v - y_lo) / (y_hi - y_lo))
+
+    img, d = _canvas((W, H), left, s, title, note, f_title, f_small)
+    for t in ticks:
+        if y_lo <= t <= y_hi:
+            d.line([(left, py(t)), (W - right, py(t))], fill=GRID)
+            d.text((left - 6, py(t)), _fmt(t), fill=INK, font=f_small, anchor="rm")
+    d.rectangle([left, top, W - right, H - bottom], outline=FRAME)
+    d.text((round(6 * s), top - round(4 * s)), ylabel, fill=INK, font=f_small, anchor="lb")
+    slot = (W - left - right) / len(groups)
+    bar = slot * 0.8 / max(1, len(series))
+    for g, name in enumerate(groups):
+        x0 = left + g * slot + slot * 0.1
+        tops = []
+        for i, vs in enumerate(series.values()):
+            v = float(vs[g])
+            if math.isfinite(v):
+                d.rectangle([x0 + i * bar, py(v), x0 + (i + 1) * bar - 2, H - bottom], fill=COLOURS[i % len(COLOURS)])
+                tops.append(py(v))
+        if g < len(group_labels) and group_labels[g] and tops:
+            d.text((x0 + slot * 0.4, min(tops) - 4), group_labels[g], fill=INK, font=f_small, anchor="mb")
+        d.text((x0 + slot * 0.4, H - bottom + 5), name, fill=INK, font=f_small, anchor="mt")
+    ly = top + round(6 * s)
+    for i, label in enumerate(series):
+        tw = d.textlength(label, font=f_small)
+        x1 = W - right - round(8 * s)
+        x0 = x1 - tw - round(22 * s)
+        d.rectangle([x0 - 3, ly - 2, x1 + 3, ly + round(14 * s)], fill=BACKGROUND)
+        d.rectangle([x0, ly + round(2 * s), x0 + round(14 * s), ly + round(12 * s)], fill=COLOURS[i % len(COLOURS)])
+        d.text((x0 + round(20 * s), ly), label, fill=INK, font=f_small)
         ly += round(17 * s)
     return img
 
@@ -244,6 +302,11 @@ def training_curve_chart(report: Mapping, *, size: tuple[int, int] = (640, 400))
     op = last.get("heldout_l1", math.nan)
     verdict = (f"operator {op:.4g} = {op / best:.0%} of the best baseline" if math.isfinite(best) and best > 0
                and op < best else "the operator does not beat the trivial baselines yet")
+    fidelity = report.get("fidelity")
+    if isinstance(fidelity, Mapping) and isinstance(fidelity.get("verdict"), Mapping):
+        verdict = str(fidelity["verdict"].get("text", verdict))
+        if len(verdict) > 110:
+            verdict = verdict[:107] + "..."
     return line_chart(series, title="Latent operator training: held-out error", xlabel="training step",
                       ylabel="latent L1", size=size, dashed=baselines, note=verdict, integer_x=True)
 

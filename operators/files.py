@@ -41,7 +41,10 @@ __all__ = [
 ]
 
 FORMAT = "comfyui-silo.latent-operator"
-FORMAT_VERSION = 1
+#: Newest format version this pack reads and writes. 1: LatentOperator and the paper's CNN; 2: adds the
+#: PhysicsOperator architecture (an older pack refuses a version-2 file with "update comfyui-silo" instead of
+#: calling it damaged). A file is written with the lowest version that can read it (``format_version`` argument).
+FORMAT_VERSION = 2
 
 #: Largest operator this pack loads (parameters and buffers together). Ours has ~1 M, the paper's CNN ~3.5 M.
 MAX_OPERATOR_PARAMETERS = 64_000_000
@@ -184,7 +187,7 @@ def _to_json(value, what: str) -> str:
 
 
 def write_operator(path: str | os.PathLike, operator: torch.nn.Module, *, degradation: Mapping,
-                   latent_format: Mapping, training: Mapping | None = None) -> Path:
+                   latent_format: Mapping, training: Mapping | None = None, format_version: int = 1) -> Path:
     """Write ``operator`` (a module with a JSON ``config`` property) with the format's metadata to ``path``.
 
     The latent format's family is stored as its ``name`` (inferred from the numbers when missing). The file is
@@ -210,7 +213,7 @@ def write_operator(path: str | os.PathLike, operator: torch.nn.Module, *, degrad
     latent_format = {**latent_format, "name": latent_family(latent_format)}
     metadata = {
         "format": FORMAT,
-        "format_version": str(FORMAT_VERSION),
+        "format_version": str(int(format_version)),
         "architecture": _to_json({"class": type(operator).__name__, "config": dict(operator.config)},
                                  "architecture config"),
         "degradation": _to_json(dict(degradation), "degradation"),

@@ -3,8 +3,10 @@
 Metadata keys (all strings; the JSON ones are JSON-encoded objects):
 
 ``format``          ``"comfyui-silo.latent-operator"``
-``format_version``  ``"1"`` (files with a newer version are refused with a "please update" message)
-``architecture``    JSON ``{"class": "LatentOperator", "config": {...}}``; ``class`` is a key of :data:`ARCHITECTURES`
+``format_version``  ``"1"`` (LatentOperator, the paper's CNN) or ``"2"`` (PhysicsOperator, which names its
+                    degradation spec and the VAE's downscale in its config); files with a version newer than this
+                    pack's are refused with a "please update comfyui-silo" message
+``architecture``    JSON ``{"class": "PhysicsOperator", "config": {...}}``; ``class`` is a key of :data:`ARCHITECTURES`
 ``degradation``     JSON spec of the degradation the operator emulates (free-form dict, written by the trainer)
 ``latent_format``   JSON ``{"name": "SD15", "latent_channels": 4, "scale_factor": 0.18215, "shift_factor": 0.0,
                     "downscale": 8}``: which VAE latent space the operator lives in; ``name`` is the model family
@@ -48,7 +50,7 @@ from .files import (
     read_header,
     write_operator,
 )
-from .network import LatentOperator
+from .network import LatentOperator, PhysicsOperator
 from .reference import SiloReferenceCNN
 from .text import bounded
 
@@ -69,7 +71,11 @@ __all__ = [
 ARCHITECTURES: dict[str, type[nn.Module]] = {
     "LatentOperator": LatentOperator,
     "SiloReferenceCNN": SiloReferenceCNN,
+    "PhysicsOperator": PhysicsOperator,
 }
+#: The first format version that knows an architecture (files are written with it, so older packs still read what
+#: they can and tell their users to update for the rest).
+ARCHITECTURE_VERSIONS: dict[str, int] = {"LatentOperator": 1, "SiloReferenceCNN": 1, "PhysicsOperator": 2}
 
 _PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl")
 _JSON_KEYS = ("architecture", "degradation", "latent_format", "training")
@@ -262,7 +268,8 @@ def save_operator(
         raise ValueError(
             f"cannot save a {cls_name}: operator files support the architectures {', '.join(sorted(ARCHITECTURES))}"
         )
-    return write_operator(path, operator, degradation=degradation, latent_format=latent_format, training=training)
+    return write_operator(path, operator, degradation=degradation, latent_format=latent_format, training=training,
+                          format_version=ARCHITECTURE_VERSIONS[cls_name])
 
 
 def load_operator(

@@ -37,8 +37,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .degradations import build_degradation, degradation_class, normalise_spec
+
 __all__ = [
     "LatentOperator",
+    "PhysicsOperator",
     "count_parameters",
     "mask_to_latent",
     "sigma_embedding",
@@ -105,6 +108,33 @@ def sigma_embedding(sigma: torch.Tensor, dim: int, sigma_max: float) -> torch.Te
     freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=s.device, dtype=torch.float32) / max(half, 1))
     args = (1000.0 * s)[:, None] * freqs[None, :]
     return torch.cat([torch.cos(args), torch.sin(args), s[:, None]], dim=1)
+
+
+def sigma_values(sigma_y, batch: int, device: torch.device) -> torch.Tensor:
+    """The measurement-noise std per sample as float32 ``[B]`` from None (0), a number or a tensor (1 or B values)."""
+    if sigma_y is None:
+        return torch.zeros(batch, device=device, dtype=torch.float32)
+    if isinstance(sigma_y, torch.Tensor):
+        s = sigma_y.detach().to(device=device, dtype=torch.float32).reshape(-1)
+        if s.numel() == 1:
+            s = s.expand(batch)
+        elif s.numel() != batch:
+            raise ValueError(f"sigma_y has {s.numel()} values but the latent batch is {batch}; give 1 or {batch}")
+        return s.clamp_min(0.0)
+    try:
+        value = float(sigma_y)
+    except (TypeError, ValueError):
+        raise TypeError(f"sigma_y must be None, a number or a tensor, got {type(sigma_y).__name__}") from None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"sigma_y must be a finite non-negative noise std (0–0.1 typical), got {value}")
+    return torch.full((batch,), value, device=device, dtype=torch.float32)
+
+
+MISSING_MASK = (
+    "This latent operator was trained with a mask input (use_mask=True, e.g. for inpainting) and needs "
+    "`mask`: 1 = missing pixel, shaped [H, W], [B, H, W] or [B, 1, H, W] at image or latent resolution. "
+    "Pass the same mask that was used to make the degraded image."
+)
 
 
 def _num_groups(channels: int, max_groups: int) -> int:
@@ -296,30 +326,11 @@ class LatentOperator(nn.Module):
 
     # ------------------------------------------------------------------ inputs
     def _sigma(self, sigma_y, batch: int, device: torch.device) -> torch.Tensor:
-        if sigma_y is None:
-            return torch.zeros(batch, device=device, dtype=torch.float32)
-        if isinstance(sigma_y, torch.Tensor):
-            s = sigma_y.detach().to(device=device, dtype=torch.float32).reshape(-1)
-            if s.numel() == 1:
-                s = s.expand(batch)
-            elif s.numel() != batch:
-                raise ValueError(f"sigma_y has {s.numel()} values but the latent batch is {batch}; give 1 or {batch}")
-            return s.clamp_min(0.0)
-        try:
-            value = float(sigma_y)
-        except (TypeError, ValueError):
-            raise TypeError(f"sigma_y must be None, a number or a tensor, got {type(sigma_y).__name__}") from None
-        if not math.isfinite(value) or value < 0:
-            raise ValueError(f"sigma_y must be a finite non-negative noise std (0–0.1 typical), got {value}")
-        return torch.full((batch,), value, device=device, dtype=torch.float32)
+        return sigma_values(sigma_y, batch, device)
 
     def _mask(self, mask, batch: int, size: Sequence[int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         if mask is None:
-            raise ValueError(
-                "This latent operator was trained with a mask input (use_mask=True, e.g. for inpainting) and needs "
-                "`mask`: 1 = missing pixel, shaped [H, W], [B, H, W] or [B, 1, H, W] at image or latent resolution. "
-                "Pass the same mask that was used to make the degraded image."
-            )
+            raise ValueError(MISSING_MASK)
         m = mask_to_latent(mask.to(device), size).to(dtype)
         if m.shape[0] == 1 and batch > 1:
             m = m.expand(batch, -1, -1, -1)
@@ -373,3 +384,181 @@ class LatentOperator(nn.Module):
         delta = self.out_conv(F.silu(self.out_norm(hcur)))
         out = x + delta
         return out.to(device=z.device, dtype=z.dtype)
+
+
+def _pixel_mask(mask: torch.Tensor, batch: int, size: Sequence[int], device, dtype) -> torch.Tensor:
+    """A caller's mask (pixel or latent resolution, 2-4 dims, 1 = missing) as ``[B, 1, H, W]`` at pixel ``size``:
+    a coarser mask is repeated (nearest), a finer or odd-sized one area-averaged and binarised (>= 0.5)."""
+    m = mask_to_latent(mask.to(device), (mask.shape[-2], mask.shape[-1])).to(dtype)
+    if tuple(m.shape[-2:]) != tuple(size):
+        mode = "nearest" if all(t % s == 0 and t >= s for t, s in zip(size, m.shape[-2:], strict=True)) else "area"
+        m = F.interpolate(m, size=tuple(size), mode=mode)
+        if mode == "area":
+            m = (m >= 0.5).to(dtype)
+    if m.shape[0] == 1 and batch > 1:
+        m = m.expand(batch, -1, -1, -1)
+    elif m.shape[0] != batch:
+        raise ValueError(f"mask batch size {m.shape[0]} does not match latent batch size {batch} (use 1 or {batch})")
+    return m
+
+
+class PhysicsOperator(nn.Module):
+    """A latent operator with the exact degradation inside: ``H(z) = z + g(z, S(A(d(z))))``.
+
+    Measured on a real learned latent space (FLUX.2's tiny autoencoder taef2, BENCHMARKS.md "Operator quality"),
+    a plain latent-to-latent network emulates the degradation poorly: the latent of a blurred or downscaled photo
+    differs from the sharp photo's by 70–100 % of its norm, and the map between them is a decode → degrade →
+    encode that a small UNet learns slowly from a few hundred photos. This architecture builds that structure in:
+
+    * ``d`` — a small decoder at latent resolution (``decoder_blocks`` residual blocks of ``decoder_width``
+      channels) whose ``3·s²`` output channels are unfolded (pixel shuffle, ``s`` = the VAE's ``downscale``) into
+      a full-size image estimate: a coarse picture, not a VAE decode (about 25 dB; the degradation hides most of
+      what it gets wrong);
+    * ``A`` — the degradation itself, exactly, from the spec the operator is trained for (blur, bicubic ×N then
+      the lift back to full size, JPEG through kornia's differentiable codec, ``x·(1 − m)`` with the caller's mask
+      for inpainting), always in float32;
+    * ``S`` — pixel unshuffle back to the latent grid (``3·s²`` channels per cell) and ``g`` — an encoder of
+      ``num_blocks`` residual blocks of ``width`` channels that sees both ``z`` and the degraded picture and
+      predicts the change of the latent; its last convolution is zero-initialised, so a fresh operator is the
+      identity.
+
+    Every block is FiLM-conditioned on the measurement-noise std ``σ_y`` as in :class:`LatentOperator`. The call
+    is the same as :class:`LatentOperator`'s (``op(z, sigma_y=None, mask=None)``; any latent size; a mask is
+    required for inpainting types and may be at pixel or latent resolution). :meth:`fit_outputs` serves training
+    (the decoder is also taught to reproduce the clean crop, and the encoder to read the degraded crop itself).
+    The degradation is rebuilt from ``degradation`` (a spec, stored in the operator file's architecture config),
+    never held as a module, so the state dict holds weights only.
+    """
+
+    def __init__(
+        self,
+        latent_channels: int = 4,
+        degradation: dict | None = None,
+        downscale: int = 8,
+        width: int = 128,
+        num_blocks: int = 5,
+        decoder_width: int = 96,
+        decoder_blocks: int = 2,
+        use_mask: bool = False,
+        sigma_embed_dim: int = 32,
+        cond_dim: int = 64,
+        sigma_max: float = 0.1,
+        norm_groups: int = 8,
+    ) -> None:
+        super().__init__()
+        if not isinstance(degradation, dict):
+            raise ValueError("PhysicsOperator needs the degradation spec it emulates (a dict with a 'type')")
+        cls = degradation_class(degradation)
+        spec = {"type": cls.type_name} if cls.needs_mask else normalise_spec(degradation)
+        if latent_channels < 1 or width < 1 or decoder_width < 1 or num_blocks < 1 or decoder_blocks < 0:
+            raise ValueError("latent_channels, width, decoder_width, num_blocks >= 1 and decoder_blocks >= 0 required")
+        if not 1 <= downscale <= 64 or num_blocks > _MAX_BLOCKS or decoder_blocks > _MAX_BLOCKS:
+            raise ValueError(f"downscale must be in 1..64 and at most {_MAX_BLOCKS} blocks per part")
+        if sigma_embed_dim < 2 or cond_dim < 1 or not sigma_max > 0 or not 1 <= norm_groups <= _MAX_GROUPS:
+            raise ValueError("sigma_embed_dim >= 2, cond_dim >= 1, sigma_max > 0 and norm_groups in 1..256 required")
+        self._config = {
+            "latent_channels": int(latent_channels), "degradation": spec, "downscale": int(downscale),
+            "width": int(width), "num_blocks": int(num_blocks), "decoder_width": int(decoder_width),
+            "decoder_blocks": int(decoder_blocks), "use_mask": bool(use_mask) or cls.is_inpainting,
+            "sigma_embed_dim": int(sigma_embed_dim), "cond_dim": int(cond_dim), "sigma_max": float(sigma_max),
+            "norm_groups": int(norm_groups),
+        }
+        self.latent_channels, self.scale = int(latent_channels), int(downscale)
+        self.use_mask, self.is_inpainting = self._config["use_mask"], cls.is_inpainting
+        self.sigma_embed_dim, self.sigma_max = int(sigma_embed_dim), float(sigma_max)
+        self._degradation = None  # built on first use (a plain attribute: never in the state dict)
+
+        pix = 3 * self.scale * self.scale
+        self.sigma_mlp = nn.Sequential(nn.Linear(2 * (sigma_embed_dim // 2) + 1, cond_dim), nn.SiLU(),
+                                       nn.Linear(cond_dim, cond_dim))
+        self.dec_stem = nn.Conv2d(latent_channels, decoder_width, 3, padding=1)
+        self.dec_blocks = nn.ModuleList(_ResBlock(decoder_width, decoder_width, cond_dim, norm_groups)
+                                        for _ in range(decoder_blocks))
+        self.dec_out = nn.Conv2d(decoder_width, pix, 3, padding=1)
+        self.enc_stem = nn.Conv2d(latent_channels + pix + (1 if self.use_mask else 0), width, 3, padding=1)
+        self.enc_blocks = nn.ModuleList(_ResBlock(width, width, cond_dim, norm_groups) for _ in range(num_blocks))
+        self.out_norm = nn.GroupNorm(_num_groups(width, norm_groups), width)
+        self.out_conv = nn.Conv2d(width, latent_channels, 3, padding=1)
+        nn.init.zeros_(self.out_conv.weight)
+        nn.init.zeros_(self.out_conv.bias)
+
+    @property
+    def config(self) -> dict:
+        return {k: (dict(v) if isinstance(v, dict) else v) for k, v in self._config.items()}
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self._config.items())
+
+    @property
+    def degradation(self):
+        """The pixel-space degradation (inpainting types: None; their physics is ``x·(1 − mask)``)."""
+        if self._degradation is None and not self.is_inpainting:
+            self._degradation = build_degradation(self._config["degradation"])
+        return self._degradation
+
+    # ------------------------------------------------------------------ parts
+    def _cond(self, sigma_y, batch: int, device, dtype) -> torch.Tensor:
+        s = sigma_values(sigma_y, batch, device)
+        return self.sigma_mlp(sigma_embedding(s, self.sigma_embed_dim, self.sigma_max).to(dtype))
+
+    def decode_pixels(self, z: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """The coarse full-size image estimate ``d(z)`` (about [0, 1], not clamped)."""
+        h = self.dec_stem(z)
+        for block in self.dec_blocks:
+            h = block(h, cond)
+        return F.pixel_shuffle(self.dec_out(F.silu(h)), self.scale) + 0.5
+
+    def degrade(self, x: torch.Tensor, pixel_mask: torch.Tensor | None) -> torch.Tensor:
+        """``lift(A(x))`` at full size, in float32 whatever autocast is active, unshuffled to the latent grid."""
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.float()
+            if self.is_inpainting:
+                y = x * (1.0 - pixel_mask.float())
+            else:
+                deg = self.degradation
+                y = deg.lift(deg(x.clamp(0.0, 1.0)), size=x.shape[-2:])
+            return F.pixel_unshuffle(y - 0.5, self.scale)
+
+    def emulate(self, z: torch.Tensor, degraded: torch.Tensor, cond: torch.Tensor,
+                latent_mask: torch.Tensor | None) -> torch.Tensor:
+        parts = [z, degraded.to(z.dtype)] + ([latent_mask] if latent_mask is not None else [])
+        h = self.enc_stem(torch.cat(parts, dim=1))
+        for block in self.enc_blocks:
+            h = block(h, cond)
+        return z + self.out_conv(F.silu(self.out_norm(h)))
+
+    def _inputs(self, z, sigma_y, mask):
+        if not isinstance(z, torch.Tensor) or z.dim() != 4:
+            raise ValueError(f"z must be a [B, C, h, w] latent tensor; got {getattr(z, 'shape', type(z).__name__)}")
+        if z.shape[1] != self.latent_channels:
+            raise ValueError(f"this operator expects {self.latent_channels}-channel latents, got {z.shape[1]} "
+                             "channels (was it trained for another model family's VAE?)")
+        param = self.enc_stem.weight
+        b, _, h, w = z.shape
+        x = z.to(device=param.device, dtype=param.dtype)
+        cond = self._cond(sigma_y, b, param.device, param.dtype)
+        pm = lm = None
+        if self.use_mask:
+            if mask is None:
+                raise ValueError(MISSING_MASK)
+            pm = _pixel_mask(mask, b, (h * self.scale, w * self.scale), param.device, param.dtype)
+            lm = F.interpolate(pm, size=(h, w), mode="area")
+        return x, cond, pm, lm
+
+    # ------------------------------------------------------------------ calls
+    def forward(self, z: torch.Tensor, sigma_y=None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x, cond, pm, lm = self._inputs(z, sigma_y, mask)
+        out = self.emulate(x, self.degrade(self.decode_pixels(x, cond), pm), cond, lm)
+        return out.to(device=z.device, dtype=z.dtype)
+
+    def fit_outputs(self, z: torch.Tensor, sigma_y, mask, clean: torch.Tensor,
+                    generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training: ``(prediction, pixel estimate)``. The encoder reads the degraded clean crop for half of the
+        batch and the degraded (detached) estimate for the other half, so the two parts learn their own jobs and
+        the encoder also sees the estimate's errors; the caller adds a pixel loss between the estimate and
+        ``clean``."""
+        x, cond, pm, lm = self._inputs(z, sigma_y, mask)
+        estimate = self.decode_pixels(x, cond)
+        use_clean = torch.rand(x.shape[0], generator=generator).to(x.device).view(-1, 1, 1, 1) < 0.5
+        source = torch.where(use_clean, clean.to(estimate.dtype), estimate.detach())
+        return self.emulate(x, self.degrade(source, pm), cond, lm), estimate

@@ -27,7 +27,8 @@ from safetensors.torch import load_file, save_file
 
 from ..config.fields import SettingError, Settings, setting
 from .degradations import Degradation, build_degradation
-from .network import LatentOperator, mask_to_latent
+from .fidelity import HeldoutSet, decoded_fidelity, latent_errors, verdict
+from .network import LatentOperator, PhysicsOperator
 from .physics import LATENT_CLAMP
 
 _STATE_FORMAT = "comfyui-silo.train-state"
@@ -58,15 +59,16 @@ class TrainSettings(Settings):
     batch_size: int = setting(8, min=1, max=256, tooltip="Crops per step.")
     crop_size: int = setting(256, min=16, max=2048, step=8,
                              tooltip="Training crop size in pixels; images must be at least this large.")
-    learning_rate: float = setting(2e-4, min=1e-6, max=1e-1, step=1e-5, tooltip="AdamW learning rate (cosine schedule).")
+    learning_rate: float = setting(1e-3, min=1e-6, max=1e-1, step=1e-5, tooltip="AdamW learning rate (cosine schedule).")
     max_noise_sigma: float = setting(0.05, min=0.0, max=0.5, step=0.005,
                                      tooltip="Measurement-noise levels drawn during training, up to this std "
                                              "(0-1 scale).")
     # Latent cache: encode this many augmented (input, target) pairs once and train on minibatches drawn from them.
     # Much faster with slow encoders (a VAE on a CPU), at the price of less augmentation. None: fresh pairs each step.
-    pool_size: int | None = setting(None, none_as=0, min=1, max=100_000,
-                                    tooltip="0: fresh augmented pairs every step. N: encode N pairs once and reuse "
-                                            "them (much faster when the VAE is slow, e.g. on a CPU).")
+    pool_size: int | None = setting(512, none_as=0, min=1, max=100_000,
+                                    tooltip="N: encode N augmented pairs once and train on them (2N VAE encodes "
+                                            "instead of two per crop and step: minutes instead of hours on a CPU). "
+                                            "0: fresh pairs every step (more variety; cheap on a GPU).")
     seed: int = setting(0, min=0, max=2**31 - 1, tooltip="Seed of crops, noise and init.")
     # ---- command line / Python only
     min_noise_sigma: float = setting(0.0, min=0.0, max=0.5, widget=False,
@@ -76,7 +78,7 @@ class TrainSettings(Settings):
                                tooltip="Learning-rate schedule after the warm-up.")
     warmup_steps: int = setting(50, min=0, max=1_000_000, widget=False, tooltip="Linear learning-rate warm-up steps.")
     loss: str = setting("l1", choices=("l1", "l2"), widget=False, tooltip="Training loss (the paper: L1).")
-    crop_scale_min: float = setting(0.75, min=0.01, max=1.0, widget=False,
+    crop_scale_min: float = setting(0.3, min=0.01, max=1.0, widget=False,
                                     tooltip="Smallest random crop, as a fraction of the image's shorter side squared.")
     crop_scale_max: float = setting(1.0, min=0.01, max=1.0, widget=False,
                                     tooltip="Largest random crop, as a fraction of the image's shorter side squared.")
@@ -89,10 +91,29 @@ class TrainSettings(Settings):
     eval_every: int = setting(100, min=1, max=1_000_000, widget=False, tooltip="Held-out evaluation every N steps.")
     heldout_fraction: float = setting(0.1, min=0.0, max=0.9, widget=False,
                                       tooltip="Fraction of the images held out for the fidelity report.")
-    heldout_sigma: float = setting(0.01, min=0.0, max=0.5, widget=False,
-                                   tooltip="Measurement-noise std of the held-out pairs.")
+    heldout_sigma: float = setting(0.0, min=0.0, max=0.5, widget=False,
+                                   tooltip="Measurement-noise std of the held-out pairs (0: noiseless targets; noise "
+                                           "moves a real VAE's latents by 30-65 % and would hide the operator's "
+                                           "own error).")
     grad_clip: float | None = setting(1.0, none_as=0.0, min=0.0, max=1e6, widget=False,
                                       tooltip="Gradient-norm clip")
+    architecture: str = setting("physics", choices=("physics", "latent"), widget=False,
+                                tooltip="physics: PhysicsOperator (the exact degradation between a small decoder and "
+                                        "encoder; measured best). latent: the earlier plain latent UNet "
+                                        "(LatentOperator).")
+    clean_fraction: float = setting(0.5, min=0.0, max=1.0, widget=False,
+                                    tooltip="Share of training pairs with a noiseless measurement (sigma 0); the "
+                                            "rest draw sigma from min_noise_sigma..max_noise_sigma.")
+    pixel_loss_weight: float = setting(10.0, min=0.0, max=1000.0, widget=False,
+                                       tooltip="Weight of the pixel loss that teaches a physics operator's decoder "
+                                               "to reproduce the clean crop (L1 on 0-1 pixels).")
+    fidelity_crops: int = setting(16, min=0, max=100_000, widget=False,
+                                  tooltip="Held-out crops decoded (three decodes each) for the decoded-fidelity "
+                                          "report when a decoder is given; 0: all of them.")
+    precision: str = setting("auto", choices=("auto", "float32", "bfloat16"), widget=False,
+                             tooltip="Operator arithmetic while training: auto = bfloat16 autocast where the device "
+                                     "runs it fast (CUDA with bf16, CPUs with AMX/AVX512-BF16), else float32. The "
+                                     "degradation itself always runs in float32; files are saved in float32.")
 
     def validate(self) -> None:
         if self.crop_size % 8:
@@ -299,47 +320,72 @@ def _training_degradation(degradation: Degradation, batch: int, size: int, g: to
     return build_degradation({"type": degradation.type_name}, mask=masks[pick])
 
 
+@dataclass
+class Pairs:
+    """Training or held-out pairs: clean crops ``x``, ``z`` = E(x), ``target`` = E(lift(A(x) + n)) (latents clamped
+    to [−4, 4] as in the paper), the noise std per pair ``sigma`` and the pixel mask (1 = missing; inpainting)."""
+
+    x: torch.Tensor
+    z: torch.Tensor
+    target: torch.Tensor
+    sigma: torch.Tensor
+    mask: torch.Tensor | None
+
+    def take(self, idx: torch.Tensor) -> Pairs:
+        """The pairs at ``idx``, with images and masks as float32 again when the pool holds them compactly."""
+        x = self.x[idx]
+        x = x.float() / 255.0 if x.dtype == torch.uint8 else x
+        mask = None if self.mask is None else self.mask[idx].float()
+        return Pairs(x, self.z[idx], self.target[idx], self.sigma[idx], mask)
+
+    def compact(self) -> Pairs:
+        """The same pairs with the clean crops as uint8 and masks as bool (a pool of 512 crops of 256 px: 100 MB of
+        images instead of 400 MB; the crops are only the pixel target of a physics operator's decoder)."""
+        x = (self.x.clamp(0, 1) * 255.0).round().to(torch.uint8)
+        return Pairs(x, self.z, self.target, self.sigma, None if self.mask is None else self.mask >= 0.5)
+
+    @staticmethod
+    def cat(parts: Sequence[Pairs]) -> Pairs:
+        masks = [p.mask for p in parts]
+        return Pairs(*(torch.cat([getattr(p, k) for p in parts]) for k in ("x", "z", "target", "sigma")),
+                     None if masks[0] is None else torch.cat(masks))
+
+
 def make_pairs(encode: Callable[[torch.Tensor], torch.Tensor], degradation: Degradation, x: torch.Tensor,
-               sigma: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(E(x), E(lift(A(x)+n)), latent mask) for a batch of clean crops ``x``; latents clamped to [−4, 4]."""
+               sigma: torch.Tensor, g: torch.Generator) -> Pairs:
+    """The :class:`Pairs` of a batch of clean crops ``x`` (one encoder call for inputs and targets together)."""
     with torch.no_grad():
         y = degradation(x)
         noise = torch.randn(y.shape, generator=g, dtype=y.dtype).to(y.device) * sigma.view(-1, 1, 1, 1).to(y)
-        y = (y + noise).clamp(0, 1)
-        lifted = degradation.lift(y, size=tuple(x.shape[-2:]))
+        lifted = degradation.lift((y + noise).clamp(0, 1), size=tuple(x.shape[-2:]))
         both = encode(torch.cat([x, lifted])).to(x.device).float().clamp(-LATENT_CLAMP, LATENT_CLAMP)
-        z_in, target = both[: x.shape[0]], both[x.shape[0]:]
-        pm = degradation.pixel_mask(x.shape, device=x.device)
-        mask = None if pm is None else mask_to_latent(pm, z_in.shape[-2:])
-    return z_in, target, mask
+        mask = degradation.pixel_mask(x.shape, device=x.device)
+    return Pairs(x, both[: x.shape[0]], both[x.shape[0]:], sigma, mask)
 
 
-# ------------------------------------------------------------------------------------------ metrics
-
-def _metrics(pred: torch.Tensor, target: torch.Tensor) -> dict:
-    err = (pred - target).float()
-    return {"l1": float(err.abs().mean()), "mse": float(err.pow(2).mean()),
-            "rel_l2": float(err.flatten(1).norm(dim=1).mean() / target.flatten(1).norm(dim=1).mean().clamp_min(1e-12))}
-
-
-def evaluate(operator, degradation: Degradation, heldout: dict) -> dict:
-    """Held-out fidelity of the operator next to the two trivial baselines (identity, degradation on the latent)."""
-    z, t, sigma, mask = heldout["z"], heldout["target"], heldout["sigma"], heldout["mask"]
+def measured_images(degradation: Degradation, x: torch.Tensor) -> torch.Tensor:
+    """The noiseless measurement at full size, lift(A(x)): what the VAE encodes and what decoded latents match."""
     with torch.no_grad():
-        pred = operator(z, sigma_y=sigma, mask=mask)
-        naive = degradation.naive_latent(z, mask=mask)
-    return {"operator": _metrics(pred, t), "identity": _metrics(z, t), "naive_latent": _metrics(naive, t)}
+        return degradation.lift(degradation(x), size=tuple(x.shape[-2:]))
 
 
 def prepare_heldout(encode, degradation: Degradation, images: Sequence[torch.Tensor], size: int, sigma: float,
-                    seed: int, area: float = 1.0) -> dict:
-    """Held-out pairs from 5 fixed crops per image, at the mean scale of the training crops."""
+                    seed: int, area: float = 1.0) -> HeldoutSet:
+    """Held-out pairs from 5 fixed crops per image, at the mean scale of the training crops; targets noiseless
+    unless ``sigma`` > 0."""
     x = center_crops(images, size, per_image=5, area=area)
     g = torch.Generator().manual_seed(seed + 7919)
     deg = _training_degradation(degradation, x.shape[0], size, g).to(x.device)
     sig = torch.full((x.shape[0],), float(sigma), device=x.device)
-    z, target, mask = make_pairs(encode, deg, x, sig, g)
-    return {"z": z, "target": target, "sigma": sig, "mask": mask, "degradation": deg}
+    pairs = make_pairs(encode, deg, x, sig, g)
+    return HeldoutSet(x=x, z=pairs.z, target=pairs.target, sigma=sig, mask=pairs.mask, degradation=deg,
+                      measured=measured_images(deg, x))
+
+
+def evaluate(operator, degradation: Degradation, heldout: HeldoutSet, downscale: int = 8) -> dict:
+    """Held-out latent error of the operator next to the two trivial baselines (identity, degradation on the latent);
+    ``degradation`` is kept for callers of the earlier signature (the held-out set carries its own)."""
+    return latent_errors(operator, heldout, downscale)[0]
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -353,50 +399,30 @@ def _lr_at(cfg: TrainSettings, step: int) -> float:
     return cfg.learning_rate * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
 
 
-def train_operator(
-    encode: Callable[[torch.Tensor], torch.Tensor],
-    degradation: Degradation | dict,
-    images,
-    *,
-    config: TrainSettings | None = None,
-    operator: LatentOperator | None = None,
-    operator_config: dict | None = None,
-    heldout_images=None,
-    resume: TrainState | str | Path | None = None,
-    state_path: str | Path | None = None,
-    progress: Callable[[int, int, dict], None] | None = None,
-    should_stop: Callable[[], None] | None = None,
-    device: str | torch.device = "cpu",
-    **overrides,
-) -> TrainResult:
-    """Fit a :class:`LatentOperator` so that H(E(x̃), σ) ≈ E(lift(A(x̃)+n)).
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``precision`` on ``device`` (None: plain float32)."""
+    if precision == "float32":
+        return None
+    if precision == "bfloat16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    if device.type == "cpu":
+        fast = [getattr(torch.cpu, n, None) for n in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+        return torch.bfloat16 if any(f is not None and f() for f in fast) else None
+    return None
 
-    Args:
-        encode: image [B,3,H,W] in [0,1] → latent [B,C,H/8,W/8] in the sampler's (scaled) latent space.
-        degradation: a :class:`Degradation` or its spec.
-        images: [N,3,H,W] tensor or a list of [3,H,W] tensors (sizes may differ), values in [0,1].
-        config / overrides: :class:`TrainSettings`, and/or its fields as keywords (``steps=500, batch_size=4``;
-            a widget's "off" value such as ``pool_size=0`` means None). Checked before anything else.
-        operator: start from this operator (default: a fresh identity operator; masks if the degradation has one).
-        operator_config: :class:`LatentOperator` arguments for the fresh operator (initialised from ``seed``).
-        heldout_images: images for the held-out evaluation; default: ``heldout_fraction`` of ``images``.
-        resume: a :class:`TrainState` (or its file) to continue from.
-        state_path: where to save a resumable state at every evaluation and at the end.
-        progress: called as ``progress(step, total, info)`` after every step.
-        should_stop: called every step; raise from it to abort (ComfyUI's interrupt).
-    Returns:
-        :class:`TrainResult` with the operator (EMA weights when EMA is on), a JSON-able report and the final state.
-    """
+
+def _settings(config: TrainSettings | None, overrides: dict, resume: TrainState | None) -> TrainSettings:
     cfg = TrainSettings.from_legacy(overrides, base=config if config is not None else TrainSettings())
-    if isinstance(resume, (str, Path)):
-        resume = TrainState.load(resume)
     if resume is not None:  # a resumed run keeps the stored settings, except how long it runs and how often it reports
         known = {s.name for s in TrainSettings.specs()} | {"lr", "sigma_range", "crop_scale"}
         stored = {k: v for k, v in resume.config.items() if k in known and k not in ("steps", "eval_every")}
         cfg = TrainSettings.from_legacy(stored, base=cfg)
-    if isinstance(degradation, dict):
-        degradation = build_degradation(degradation)
+    return cfg
 
+
+def _split_images(images, heldout_images, cfg: TrainSettings) -> tuple[list, list]:
     imgs = _as_image_list(images)
     if heldout_images is None:
         n_held = int(round(len(imgs) * cfg.heldout_fraction))
@@ -410,90 +436,98 @@ def train_operator(
     small = [tuple(im.shape[-2:]) for im in imgs if min(im.shape[-2:]) < cfg.crop_size * cfg.crop_scale[0] ** 0.5 / 2]
     if small:
         raise TrainingDataError("images", f"training images of size {small[0]} are too small for crop_size "
-                                f"{cfg.crop_size}; "
-                         "use larger images or a smaller crop_size")
+                                f"{cfg.crop_size}; use larger images or a smaller crop_size")
+    return imgs, held
 
-    device = torch.device(device)
-    use_mask = degradation.is_inpainting
-    if operator is None:
-        probe = encode(torch.zeros(1, 3, cfg.crop_size, cfg.crop_size, device=device))
-        kwargs = {"latent_channels": probe.shape[1], "use_mask": use_mask, **(operator_config or {})}
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)
-            operator = LatentOperator(**kwargs)
-    elif operator_config:
-        raise ValueError("pass either operator or operator_config, not both")
-    operator = operator.to(device).float().train()
-    ema = copy.deepcopy(operator).eval() if cfg.ema_decay else None
-    if ema is not None:
-        for p in ema.parameters():
-            p.requires_grad_(False)
-    opt = torch.optim.AdamW(operator.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    start, curve = 0, []
-    if resume is not None:
-        operator.load_state_dict(resume.operator)
-        if ema is not None and resume.ema is not None:
-            ema.load_state_dict(resume.ema)
-        opt.load_state_dict(resume.optimizer)
-        start, curve = resume.step, list(resume.curve)
 
-    heldout = None
-    if held:
-        heldout = prepare_heldout(encode, degradation.to(device), [im.to(device) for im in held], cfg.crop_size,
-                                  cfg.heldout_sigma, cfg.seed, area=sum(cfg.crop_scale) / 2)
+def _new_operator(encode, degradation: Degradation, cfg: TrainSettings, operator, operator_config,
+                  device: torch.device) -> tuple[torch.nn.Module, int]:
+    """The operator to train (given, or fresh from ``architecture``) and the encoder's downscale factor."""
+    probe = encode(torch.zeros(1, 3, cfg.crop_size, cfg.crop_size, device=device))
+    downscale = max(1, round(cfg.crop_size / probe.shape[-1]))
+    if operator is not None:
+        if operator_config:
+            raise ValueError("pass either operator or operator_config, not both")
+        return operator, downscale
+    kwargs = {"latent_channels": probe.shape[1], "use_mask": degradation.is_inpainting, **(operator_config or {})}
+    if cfg.architecture == "physics":
+        kwargs = {"degradation": degradation.spec, "downscale": downscale, **kwargs}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        module = (PhysicsOperator if cfg.architecture == "physics" else LatentOperator)(**kwargs)
+    return module, downscale
 
-    def snapshot(step: int) -> TrainState:
-        return TrainState(step=step, operator={k: v.detach().clone() for k, v in operator.state_dict().items()},
-                          ema=None if ema is None else {k: v.detach().clone() for k, v in ema.state_dict().items()},
-                          optimizer=copy.deepcopy(opt.state_dict()), config=cfg.as_dict(), curve=list(curve))
 
-    def record(step: int, train_loss: float) -> dict | None:
-        if heldout is None:
-            return None
-        ev = evaluate(ema if ema is not None else operator.eval(), heldout["degradation"], heldout)
-        operator.train()
-        curve.append({"step": step, "train_loss": train_loss, "heldout_l1": ev["operator"]["l1"],
-                      "identity_l1": ev["identity"]["l1"], "naive_l1": ev["naive_latent"]["l1"]})
-        return ev
+class _PairSource:
+    """Training pairs for step k: drawn from a pool encoded once, or fresh (augmented crops encoded each step)."""
 
-    def fresh_batch(g: torch.Generator, n: int, per_sample_sigma: bool):
-        x = torch.stack([augment(random_crop(imgs[int(torch.randint(0, len(imgs), (), generator=g))],
+    def __init__(self, encode, degradation: Degradation, imgs: list, cfg: TrainSettings, device: torch.device,
+                 should_stop, progress, start: int):
+        self.encode, self.degradation, self.imgs, self.cfg, self.device = encode, degradation, imgs, cfg, device
+        self.encodes = 0
+        self.encode_seconds = 0.0
+        self.pool = self._fill_pool(should_stop, progress, start) if cfg.pool_size else None
+
+    def _sigmas(self, g: torch.Generator, n: int) -> torch.Tensor:
+        cfg = self.cfg
+        return torch.tensor([0.0 if float(torch.rand((), generator=g)) < cfg.clean_fraction
+                             else _uniform(g, *cfg.sigma_range) for _ in range(n)], device=self.device)
+
+    def fresh(self, g: torch.Generator, n: int) -> Pairs:
+        cfg = self.cfg
+        x = torch.stack([augment(random_crop(self.imgs[int(torch.randint(0, len(self.imgs), (), generator=g))],
                                              cfg.crop_size, cfg.crop_scale, g), cfg, g)
-                         for _ in range(n)]).to(device)
-        if per_sample_sigma:
-            sigma = torch.tensor([_uniform(g, *cfg.sigma_range) for _ in range(n)], device=device)
-        else:
-            sigma = torch.full((n,), _uniform(g, *cfg.sigma_range), device=device)
-        deg = _training_degradation(degradation, n, cfg.crop_size, g).to(device)
-        return (*make_pairs(encode, deg, x, sigma, g), sigma)
+                         for _ in range(n)]).to(self.device)
+        deg = _training_degradation(self.degradation, n, cfg.crop_size, g).to(self.device)
+        t0 = time.perf_counter()
+        pairs = make_pairs(self.encode, deg, x, self._sigmas(g, n), g)
+        self.encode_seconds += time.perf_counter() - t0
+        self.encodes += 2 * n
+        return pairs
 
-    pool = None
-    if cfg.pool_size:
+    def _fill_pool(self, should_stop, progress, start: int) -> Pairs:
+        cfg = self.cfg
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 999_983)
         chunks = []
         for i in range(0, cfg.pool_size, cfg.batch_size):
             if should_stop is not None:
                 should_stop()
-            chunks.append(fresh_batch(g, min(cfg.batch_size, cfg.pool_size - i), per_sample_sigma=True))
+            chunks.append(self.fresh(g, min(cfg.batch_size, cfg.pool_size - i)))
             if progress is not None:
-                progress(start, cfg.steps, {"phase": "encoding", "encoded": i + len(chunks[-1][0]),
+                progress(start, cfg.steps, {"phase": "encoding", "encoded": i + len(chunks[-1].x),
                                             "pool_size": cfg.pool_size})
-        pool = [None if chunks[0][k] is None else torch.cat([c[k] for c in chunks]) for k in range(4)]
+        return Pairs.cat(chunks).compact()
 
-    t0 = time.time()
-    smoothed = None
-    last_eval = None
+    def batch(self, step: int) -> tuple[Pairs, torch.Generator]:
+        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
+        if self.pool is not None:
+            return self.pool.take(torch.randint(0, self.cfg.pool_size, (self.cfg.batch_size,), generator=g)), g
+        return self.fresh(g, self.cfg.batch_size), g
+
+
+def _loss(operator, batch: Pairs, cfg: TrainSettings, g: torch.Generator, amp: torch.dtype | None) -> torch.Tensor:
+    """Latent loss (L1 or L2) of the prediction; a physics operator adds its decoder's pixel loss."""
+    device = batch.z.device
+    with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        if hasattr(operator, "fit_outputs"):
+            pred, estimate = operator.fit_outputs(batch.z, batch.sigma, batch.mask, batch.x, generator=g)
+        else:
+            pred, estimate = operator(batch.z, sigma_y=batch.sigma, mask=batch.mask), None
+    err = pred.float() - batch.target
+    loss = err.abs().mean() if cfg.loss == "l1" else err.pow(2).mean()
+    if estimate is not None and cfg.pixel_loss_weight > 0:
+        loss = loss + cfg.pixel_loss_weight * (estimate.float() - batch.x).abs().mean()
+    return loss
+
+
+def _optimise(operator, ema, opt, source: _PairSource, cfg: TrainSettings, start: int, amp, record, progress,
+              should_stop) -> tuple[float | None, dict | None]:
+    smoothed, last_eval = None, None
     for step in range(start, cfg.steps):
         if should_stop is not None:
             should_stop()
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        if pool is not None:
-            idx = torch.randint(0, cfg.pool_size, (cfg.batch_size,), generator=g)
-            z_in, target, mask, sigma = (None if t is None else t[idx] for t in pool)
-        else:
-            z_in, target, mask, sigma = fresh_batch(g, cfg.batch_size, per_sample_sigma=False)
-        pred = operator(z_in, sigma_y=sigma, mask=mask)
-        loss = (pred - target).abs().mean() if cfg.loss == "l1" else (pred - target).pow(2).mean()
+        batch, g = source.batch(step)
+        loss = _loss(operator, batch, cfg, g, amp)
         for group in opt.param_groups:
             group["lr"] = _lr_at(cfg, step)
         opt.zero_grad(set_to_none=True)
@@ -508,22 +542,114 @@ def train_operator(
         lv = float(loss.detach())
         smoothed = lv if smoothed is None else 0.95 * smoothed + 0.05 * lv
         done = step + 1
-        if heldout is not None and (done % cfg.eval_every == 0 or done == cfg.steps):
-            last_eval = record(done, smoothed)
-            if state_path is not None:
-                snapshot(done).save(state_path)
+        if done % cfg.eval_every == 0 or done == cfg.steps:
+            last_eval = record(done, smoothed) or last_eval
         if progress is not None:
-            progress(done, cfg.steps, {"loss": lv, "smoothed": smoothed, "lr": _lr_at(cfg, step),
-                                       "heldout": curve[-1] if curve else None})
+            progress(done, cfg.steps, {"loss": lv, "smoothed": smoothed, "lr": _lr_at(cfg, step)})
+    return smoothed, last_eval
 
-    final = ema if ema is not None else operator
-    final.eval()
+
+def train_operator(
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    degradation: Degradation | dict,
+    images,
+    *,
+    config: TrainSettings | None = None,
+    operator: torch.nn.Module | None = None,
+    operator_config: dict | None = None,
+    heldout_images=None,
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    resume: TrainState | str | Path | None = None,
+    state_path: str | Path | None = None,
+    progress: Callable[[int, int, dict], None] | None = None,
+    should_stop: Callable[[], None] | None = None,
+    device: str | torch.device = "cpu",
+    **overrides,
+) -> TrainResult:
+    """Fit a latent operator so that H(E(x̃), σ) ≈ E(lift(A(x̃)+n)).
+
+    Args:
+        encode: image [B,3,H,W] in [0,1] → latent [B,C,H/s,W/s] in the sampler's (scaled) latent space; the
+            downscale factor ``s`` is measured from it, never assumed.
+        degradation: a :class:`Degradation` or its spec.
+        images: [N,3,H,W] tensor or a list of [3,H,W] tensors (sizes may differ), values in [0,1].
+        config / overrides: :class:`TrainSettings`, and/or its fields as keywords (``steps=500, batch_size=4``;
+            a widget's "off" value such as ``pool_size=0`` means None). Checked before anything else.
+        operator: start from this operator (default: a fresh identity operator of ``architecture``).
+        operator_config: constructor arguments for the fresh operator (initialised from ``seed``).
+        heldout_images: images for the held-out evaluation; default: ``heldout_fraction`` of ``images``.
+        decode: latent → image [B,3,H,W] in [0,1] (the VAE decoder), optional: with it the report also gives the
+            decoded fidelity (PSNR/SSIM next to the autoencoder's floor and identity, the share of the gap closed)
+            and the verdict uses it. Used for the report only, never for training.
+        resume: a :class:`TrainState` (or its file) to continue from.
+        state_path: where to save a resumable state at every evaluation and at the end.
+        progress: called as ``progress(step, total, info)`` after every step (and while the pool is encoded).
+        should_stop: called every step; raise from it to abort (ComfyUI's interrupt).
+    Returns:
+        :class:`TrainResult` with the operator (EMA weights when EMA is on), a JSON-able report and the final state.
+    """
+    if isinstance(resume, (str, Path)):
+        resume = TrainState.load(resume)
+    cfg = _settings(config, overrides, resume)
+    if isinstance(degradation, dict):
+        degradation = build_degradation(degradation)
+    imgs, held = _split_images(images, heldout_images, cfg)
+    device = torch.device(device)
+    operator, downscale = _new_operator(encode, degradation, cfg, operator, operator_config, device)
+    operator = operator.to(device).float().train()
+    ema = copy.deepcopy(operator).eval().requires_grad_(False) if cfg.ema_decay else None
+    opt = torch.optim.AdamW(operator.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    start, curve = 0, []
+    if resume is not None:
+        operator.load_state_dict(resume.operator)
+        if ema is not None and resume.ema is not None:
+            ema.load_state_dict(resume.ema)
+        opt.load_state_dict(resume.optimizer)
+        start, curve = resume.step, list(resume.curve)
+    heldout = None
+    if held:
+        heldout = prepare_heldout(encode, degradation.to(device), [im.to(device) for im in held], cfg.crop_size,
+                                  cfg.heldout_sigma, cfg.seed, area=sum(cfg.crop_scale) / 2)
+
+    def snapshot(step: int) -> TrainState:
+        return TrainState(step=step, operator={k: v.detach().clone() for k, v in operator.state_dict().items()},
+                          ema=None if ema is None else {k: v.detach().clone() for k, v in ema.state_dict().items()},
+                          optimizer=copy.deepcopy(opt.state_dict()), config=cfg.as_dict(), curve=list(curve))
+
+    def record(step: int, train_loss: float) -> dict | None:
+        if heldout is not None:
+            ev = evaluate(ema if ema is not None else operator.eval(), heldout.degradation, heldout, downscale)
+            operator.train()
+            curve.append({"step": step, "train_loss": train_loss, "heldout_l1": ev["operator"]["l1"],
+                          "identity_l1": ev["identity"]["l1"], "naive_l1": ev["naive_latent"]["l1"],
+                          "heldout_rel": ev["operator"]["rel_l2"]})
+        if state_path is not None:
+            snapshot(step).save(state_path)
+        return ev if heldout is not None else None
+
+    source = _PairSource(encode, degradation, imgs, cfg, device, should_stop, progress, start)
+    t0 = time.time()
+    smoothed, last_eval = _optimise(operator, ema, opt, source, cfg, start, autocast_dtype(cfg.precision, device),
+                                    record, progress, should_stop)
+    seconds = time.time() - t0
+    final = (ema if ema is not None else operator).eval()
     if heldout is not None and last_eval is None:
         last_eval = record(cfg.steps, smoothed if smoothed is not None else float("nan"))
         final.eval()
     state = snapshot(cfg.steps)
     if state_path is not None:
         state.save(state_path)
+    report = _report(cfg, start, imgs, held, smoothed, last_eval, curve, seconds, source, downscale, final)
+    if heldout is not None:
+        report["fidelity"] = _fidelity(final, heldout, decode, downscale, cfg.fidelity_crops)
+    for p in final.parameters():
+        p.requires_grad_(False)
+    return TrainResult(operator=final, report=report, state=state)
+
+
+def _report(cfg, start, imgs, held, smoothed, last_eval, curve, seconds, source, downscale, final) -> dict:
+    steps_run = cfg.steps - start
+    optimise_seconds = max(seconds - (source.encode_seconds if source.pool is None else 0.0), 1e-9)
     report = {
         "steps": cfg.steps,
         "resumed_from": start or None,
@@ -531,9 +657,15 @@ def train_operator(
         "heldout_images": len(held),
         "final_train_loss": smoothed,
         "loss": cfg.loss,
+        "architecture": type(final).__name__,
+        "downscale": downscale,
         "heldout": last_eval,
         "curve": curve,
-        "seconds": round(time.time() - t0, 2),
+        "seconds": round(seconds + (source.encode_seconds if source.pool is not None else 0.0), 2),
+        "encodes": source.encodes,
+        "encode_seconds": round(source.encode_seconds, 2),
+        "encodes_per_second": round(source.encodes / source.encode_seconds, 2) if source.encode_seconds else None,
+        "steps_per_second": round(steps_run / optimise_seconds, 3) if steps_run else None,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "config": cfg.as_dict(),
     }
@@ -541,23 +673,52 @@ def train_operator(
         op_l1 = last_eval["operator"]["l1"]
         report["beats_identity"] = op_l1 < last_eval["identity"]["l1"]
         report["beats_naive_latent"] = op_l1 < last_eval["naive_latent"]["l1"]
-    for p in final.parameters():
-        p.requires_grad_(False)
-    return TrainResult(operator=final, report=report, state=state)
+    return report
+
+
+def _fidelity(final, heldout: HeldoutSet, decode, downscale: int, crops: int) -> dict:
+    """The final held-out fidelity: latent errors, decoded fidelity (on the first ``crops`` held-out crops, 0: all)
+    when a decoder is given, and the verdict."""
+    latent, pred = latent_errors(final, heldout, downscale)
+    decoded = None
+    if decode is not None:
+        n = len(pred) if crops <= 0 else min(crops, len(pred))
+        decoded = decoded_fidelity(decode, heldout.subset(n), pred[:n])
+        decoded["crops"] = n
+    return {"latent": latent, "decoded": decoded, "verdict": verdict(latent, decoded),
+            "heldout_sigma": float(heldout.sigma[0]) if len(heldout.sigma) else 0.0}
 
 
 def format_report(report: dict) -> str:
-    """A few human lines for the UI / command line."""
+    """A few human lines for the UI / command line: what the operator achieves next to the references, and the
+    verdict."""
     lines = [f"steps {report['steps']}, {report['images']} training images, {report['heldout_images']} held out, "
              f"{report['seconds']:.0f} s; final train {report['loss']} {report['final_train_loss']:.4f}"]
-    ev = report.get("heldout")
-    if ev:
+    fid = report.get("fidelity")
+    if fid:
+        lines += fidelity_lines(fid)
+    elif report.get("heldout"):
+        ev = report["heldout"]
         lines.append("held-out latent L1 (lower is better): "
                      f"operator {ev['operator']['l1']:.4f} | identity {ev['identity']['l1']:.4f} | "
                      f"degradation-on-latent {ev['naive_latent']['l1']:.4f}")
-        best = min(ev["identity"]["l1"], ev["naive_latent"]["l1"])
-        if ev["operator"]["l1"] < best:
-            lines.append(f"operator error is {ev['operator']['l1'] / best:.0%} of the best trivial baseline")
-        else:
-            lines.append("WARNING: the operator does not beat the trivial baselines yet: train longer or on more images")
+        lines.append(verdict(ev)["text"])
     return "\n".join(lines)
+
+
+def fidelity_lines(fid: dict) -> list[str]:
+    """The fidelity facts as short lines (also shown by the Latent Degradation Operator node from the file)."""
+    lat = fid["latent"]
+    lines = ["held-out latent error ‖H(E x) − E(A x)‖/‖E(A x)‖ (lower is better): "
+             f"operator {lat['operator']['rel_l2']:.3f} | identity {lat['identity']['rel_l2']:.3f} | "
+             f"degradation-on-latent {lat['naive_latent']['rel_l2']:.3f}"]
+    dec = fid.get("decoded")
+    if dec:
+        gap = dec.get("gap_closed")
+        lines.append("decoded vs the degraded photo, PSNR / SSIM: "
+                     f"operator {dec['operator']['psnr']:.1f} dB / {dec['operator']['ssim']:.3f} | "
+                     f"VAE floor {dec['floor']['psnr']:.1f} dB / {dec['floor']['ssim']:.3f} | "
+                     f"identity {dec['identity']['psnr']:.1f} dB / {dec['identity']['ssim']:.3f}"
+                     + (f" | gap closed {gap:.0%}" if gap is not None else ""))
+    lines.append(fid["verdict"]["text"])
+    return lines

@@ -260,9 +260,11 @@ def _restoration(b, title: str, deg_widgets: dict, operator_stem: str, eta: floa
         groups[1] = ("Photo and degradation", [photo, deg, applied], BROWN)
         groups.append(("Restore: SILO and two baselines", [enc, op, ks, dps, rs], GREEN))
     else:
-        side = b.node("ImageStitch", c4, {"direction": "right", "match_image_size": True,
+        # the restoration is image1 and the photo is stitched to its left: ImageStitch scales image2, so the
+        # preview keeps the restored size (a x8 photo is scaled up, never the restoration down)
+        side = b.node("ImageStitch", c4, {"direction": "left", "match_image_size": True,
                                           "spacing_width": 8, "spacing_color": "white"},
-                      {"image1": photo.out("IMAGE"), "image2": dec.out()}, title="photo | restored")
+                      {"image1": dec.out(), "image2": photo.out("IMAGE")}, title="photo | restored")
         b.node("SILOTracePlot", c4, None, {"trace": ks.out("trace")}, title="Consistency per step",
                size=(380, 300))
         b.node("SaveImage", c5, {"filename_prefix": prefix}, {"images": dec.out()}, size=(480, 360))
@@ -288,11 +290,12 @@ def _train_note(family: str) -> str:
             "3. Queue. The two KSamplers make 16 varied 512x512 images (change the prompts for your kind of photos; "
             "more and more varied images give better operators). Train Latent Operator saves "
             "models/latent_operators/gaussian_blur_sd15.safetensors (never overwriting: an existing name gets _2) and "
-            "shows its held-out error next to two trivial baselines on the node and as a chart (Training curve): the "
-            "operator should beat both.\n\n"
-            "2000 steps take a few minutes on a GPU. pool_size > 0 encodes that many pairs once and reuses them "
-            "(faster when the VAE is slow). A folder of real photos works too: `python -m comfyui_silo "
-            "train-operator`.")
+            "shows on the node how well it emulates the blur on held-out images: its error next to two trivial "
+            "baselines, decoded with your VAE next to the VAE's own limit, and a verdict (good / usable / WARNING); "
+            "the chart (Training curve) shows the held-out error falling below the baselines.\n\n"
+            "The settings are the measured defaults: 1000 steps on a pool of 512 encoded pairs take a minute or two on "
+            "a GPU. More steps and more varied images improve a 'usable' operator. A folder of real photos works "
+            "too: `python -m comfyui_silo train-operator`.")
     fam = FAMILIES[family]
     sampling = {"sdxl": "25 steps at CFG 7",
                 "flux": f"20 euler steps at CFG 1 with FluxGuidance {FLUX_GUIDANCE}"}[family]
@@ -306,11 +309,12 @@ def _train_note(family: str) -> str:
         f"3. Queue. The two KSamplers make {2 * fam['batch']} varied {fam['size']}x{fam['size']} images ({sampling}; "
         "change the prompts for your kind of photos; more and more varied images give better operators). Train "
         f"Latent Operator saves models/latent_operators/{fam['operator']}.safetensors (never overwriting: an "
-        "existing name gets _2) and shows its held-out error next to two trivial baselines on the node and as a "
-        "chart (Training curve): the operator should beat both.\n\n"
-        "2000 steps take a few minutes on a GPU. pool_size > 0 encodes that many pairs once and reuses them (faster "
-        "when the VAE is slow). A folder of real photos works too: `python -m comfyui_silo train-operator` with "
-        f"the {fam['label']} checkpoint.")
+        "existing name gets _2) and shows on the node how well it emulates the blur on held-out images (its error "
+        "next to two trivial baselines, decoded next to the VAE's own limit, and a verdict); the chart (Training "
+        "curve) shows the held-out error falling below the baselines.\n\n"
+        "The settings are the measured defaults: 1000 steps on a pool of 512 encoded pairs. More steps and more "
+        "varied images improve a 'usable' operator. A folder of real photos works too: `python -m comfyui_silo "
+        f"train-operator` with the {fam['label']} checkpoint.")
 
 
 def train_workflow(b, family: str = "sd15") -> None:
@@ -353,9 +357,12 @@ def train_workflow(b, family: str = "sd15") -> None:
         made += [ks, decoded[-1]]
     images = b.node("ImageBatch", c2, None, {"image1": decoded[0].out(), "image2": decoded[1].out()})
     preview = b.node("PreviewImage", c2, None, {"images": images.out()}, size=(360, 360))
+    # the training widgets at their one declaration's defaults (TrainSettings: the measured recipe, BENCHMARKS.md)
+    from comfyui_silo.operators.training import TrainSettings
+
+    defaults = TrainSettings().widget_values()
     train = b.node("SILOTrainLatentOperator", c3,
-                   {"steps": 2000, "batch_size": 8, "crop_size": 256, "learning_rate": 2e-4, "max_noise_sigma": 0.05,
-                    "pool_size": 0, "seed": 0,
+                   {**{s.name: defaults[s.name] for s in TrainSettings.specs() if s.widget},
                     "filename": "gaussian_blur_sd15" if family == "sd15" else FAMILIES[family]["operator"]},
                    {"images": images.out(), "model": model, "vae": vae})
     deg = b.node("SILODegradation", c3, BLUR)

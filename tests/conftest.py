@@ -22,20 +22,39 @@ from support import host as host_support  # noqa: E402
 
 HOST_TIERS = ("comfy", "server")
 _HOST_PROBLEM = host_support.host_problem()
+#: The real-autoencoder tier (``realvae``) needs taef2's two weight files; never committed, pointed to by this.
+TAEF2_ENV = "SILO_TAEF2_DIR"
+
+
+def taef2_problem() -> str | None:
+    folder = os.environ.get(TAEF2_ENV)
+    if not folder:
+        return (f"{TAEF2_ENV} is not set (point it at a folder holding taef2_encoder.pth and taef2_decoder.pth "
+                "from github.com/madebyollin/taesd)")
+    missing = [n for n in ("taef2_encoder.pth", "taef2_decoder.pth") if not (Path(folder) / n).is_file()]
+    return f"{TAEF2_ENV}={folder} lacks {', '.join(missing)}" if missing else None
+
+
+_TAEF2_PROBLEM = taef2_problem()
 
 
 def pytest_collection_modifyitems(config, items):
-    if _HOST_PROBLEM is None:
-        return
-    skip = pytest.mark.skip(reason=f"HOST TEST SKIPPED: {_HOST_PROBLEM}")
+    host_skip = pytest.mark.skip(reason=f"HOST TEST SKIPPED: {_HOST_PROBLEM}")
+    taef2_skip = pytest.mark.skip(reason=f"REAL-VAE TEST SKIPPED: {_TAEF2_PROBLEM}")
     for item in items:
-        if any(item.get_closest_marker(t) for t in HOST_TIERS):
-            item.add_marker(skip)
+        if _HOST_PROBLEM is not None and any(item.get_closest_marker(t) for t in HOST_TIERS):
+            item.add_marker(host_skip)
+        if _TAEF2_PROBLEM is not None and item.get_closest_marker("realvae"):
+            item.add_marker(taef2_skip)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    skipped = [r for r in terminalreporter.stats.get("skipped", []) if "HOST TEST SKIPPED" in str(r.longrepr)]
     tr = terminalreporter
+    real = [r for r in tr.stats.get("skipped", []) if "REAL-VAE TEST SKIPPED" in str(r.longrepr)]
+    if real:
+        tr.write_sep("!", f"{len(real)} real-autoencoder (taef2) tests were SKIPPED", red=True, bold=True)
+        tr.write_line(f"reason: {_TAEF2_PROBLEM}")
+    skipped = [r for r in tr.stats.get("skipped", []) if "HOST TEST SKIPPED" in str(r.longrepr)]
     if _HOST_PROBLEM is not None:
         tr.write_sep("!", f"{len(skipped)} ComfyUI host tests were SKIPPED", red=True, bold=True)
         tr.write_line(f"reason: {_HOST_PROBLEM}")

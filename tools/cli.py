@@ -89,7 +89,7 @@ def cmd_train_operator(args) -> int:
     bootstrap_host(args.comfyui, cpu=args.cpu)
     import comfy.sd
 
-    from ..nodes.host import latent_format_info, make_encoder
+    from ..nodes.host import latent_format_info, make_decoder, make_encoder
     from ..operators.io import save_operator
     from ..operators.training import TrainingDataError, format_report, train_operator
 
@@ -111,16 +111,12 @@ def cmd_train_operator(args) -> int:
             bar.set_postfix_str(f"encoding pairs {info['encoded']}/{info['pool_size']}")
             return
         bar.n = step
-        post = f"loss {info['smoothed']:.4f}"
-        if info.get("heldout"):
-            h = info["heldout"]
-            post += f" | held-out {h['heldout_l1']:.4f} (identity {h['identity_l1']:.4f})"
-        bar.set_postfix_str(post)
+        bar.set_postfix_str(f"loss {info['smoothed']:.4f}")
         bar.refresh()
 
     try:
         result = train_operator(encode, spec, images, config=settings, resume=args.resume, state_path=args.state,
-                                progress=progress)
+                                progress=progress, decode=make_decoder(vae, model))
     except TrainingDataError as e:
         raise SystemExit(f"error: --images: {e}") from None
     bar.close()

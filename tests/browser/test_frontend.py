@@ -135,11 +135,16 @@ SET_UP_RUN = """(() => {
   set('CheckpointLoaderSimple', 'ckpt_name', %(ckpt)s);
   set('LoadImage', 'image', 'browser_photo.png');
   set('SILOKSampler', 'steps', 2);
-  window.__silo = {done: false, errors: [], progress: 0};
   const api = window.comfyAPI.api.api;
-  api.addEventListener('execution_success', () => { window.__silo.done = true; });
-  api.addEventListener('execution_error', (e) => { window.__silo.errors.push(e.detail); window.__silo.done = true; });
-  api.addEventListener('progress', () => { window.__silo.progress += 1; });
+  if (!window.__silo) {  // one set of listeners per page, however many runs
+    api.addEventListener('execution_success', () => { window.__silo.done = true; });
+    api.addEventListener('execution_error', (e) => { window.__silo.errors.push(e.detail); window.__silo.done = true; });
+    api.addEventListener('progress', (e) => {
+      window.__silo.progress += 1;
+      window.__silo.bars.push([String(e.detail.node), e.detail.value, e.detail.max]);
+    });
+  }
+  window.__silo = {done: false, errors: [], progress: 0, bars: []};
   return true;
 })()"""
 
@@ -151,13 +156,31 @@ RESULTS = """(() => app.graph._nodes.map((n) => {
 }))()"""
 
 
-def test_deblur_runs_from_the_browser_and_its_nodes_show_the_results(page, small_checkpoint):
-    load_workflow(page, ROOT / "workflows" / "silo_gaussian_deblur.json")
+def run_in_browser(page, small_checkpoint) -> dict:
+    """Queue the loaded workflow (the small checkpoint, the test photo, 2 steps) and wait for it to finish."""
     page.evaluate(SET_UP_RUN % {"ckpt": json.dumps(small_checkpoint.name)})
     page.evaluate("(async () => { await app.queuePrompt(0, 1); return true; })()")
     state = page.wait_for("window.__silo.done && window.__silo", timeout=600, poll=1.0, what="the run to finish")
     assert not state["errors"], json.dumps(state["errors"], indent=1)[:3000]
+    return state
+
+
+def bars_never_move_back(bars) -> dict:
+    """Per node, the positions of its progress bar that moved backwards (none expected)."""
+    last, back = {}, {}
+    for node, value, total in bars:
+        at = value / total if total else 0.0
+        if at < last.get(node, 0.0) - 1e-9:
+            back.setdefault(node, []).append((last[node], at))
+        last[node] = at
+    return back
+
+
+def test_deblur_runs_from_the_browser_and_its_nodes_show_the_results(page, small_checkpoint):
+    load_workflow(page, ROOT / "workflows" / "silo_gaussian_deblur.json")
+    state = run_in_browser(page, small_checkpoint)
     assert state["progress"] >= 2, "the sampler reported its steps to the progress bar"
+    assert not bars_never_move_back(state["bars"]), bars_never_move_back(state["bars"])
     time.sleep(1.0)
     results = {r["type"]: r for r in page.evaluate(RESULTS)}
 
@@ -202,3 +225,88 @@ def test_a_node_without_a_results_box_gets_one_when_it_reports_text(page):
     wf = json.loads((ROOT / "workflows" / "silo_gaussian_deblur.json").read_text(encoding="utf-8"))
     saved = next(n for n in wf["nodes"] if n["type"] == "SILOEncodeMeasurement")["widgets_values"]
     assert got["saved"] == saved, "the box is never saved with the workflow"
+
+
+TEXT_SHOWN = ("SILOKSampler", "SILOLatentOperatorLoader", "SILORestorationMetrics")
+
+
+def shown_texts(page) -> dict:
+    return {r["type"]: r["shown"] for r in page.evaluate(RESULTS) if r["type"] in TEXT_SHOWN}
+
+
+def test_results_stay_on_the_nodes_after_a_cached_rerun_and_a_tab_switch(page, small_checkpoint):
+    """Issue 19, item 1: a re-run whose nodes are all cached still fills the boxes of a freshly opened workflow, and
+    switching to another tab and back shows them again."""
+    path = ROOT / "workflows" / "silo_gaussian_deblur.json"
+    load_workflow(page, path)
+    run_in_browser(page, small_checkpoint)
+    load_workflow(page, path)  # a new tab: new nodes, empty boxes
+    assert not any(shown_texts(page).values()), shown_texts(page)
+    state = run_in_browser(page, small_checkpoint)  # the same inputs: the loader (at least) is cached
+    time.sleep(1.0)
+    after_rerun = shown_texts(page)
+    assert all(after_rerun.values()), f"every results box shows its text after a cached re-run: {after_rerun}"
+    assert "Gaussian blur" in after_rerun["SILOLatentOperatorLoader"]
+    assert not bars_never_move_back(state["bars"]), bars_never_move_back(state["bars"])
+
+    load_workflow(page, ROOT / "workflows" / "silo_jpeg_restoration.json")  # another tab ...
+    page.evaluate("(async () => { await app.extensionManager.command.execute("
+                  "'Workspace.PreviousOpenedWorkflow'); return true; })()")  # ... and back
+    page.wait_for("app.graph._nodes.some((n) => n.type === 'SILOLatentOperatorLoader' && "
+                  "n.widgets.find((w) => w.name === 'operator_name').value.startsWith('gaussian_blur'))",
+                  timeout=30, what="the deblurring tab to come back")
+    time.sleep(1.0)
+    assert shown_texts(page) == after_rerun, "the boxes show the tab's results again"
+
+
+def test_a_new_operator_file_is_listed_after_training(page, browser_server):
+    """Issue 19, item 2: when Train Latent Operator reports a saved file, every loader's list is re-read."""
+    import shutil
+
+    load_workflow(page, ROOT / "workflows" / "silo_gaussian_deblur.json")
+    folder = browser_server.base / "models" / "latent_operators"
+    new = folder / "gaussian_blur_sd15_2.safetensors"
+    shutil.copy(folder / "gaussian_blur_sd15.safetensors", new)
+    try:
+        listed = "app.graph._nodes.find((n) => n.type === 'SILOLatentOperatorLoader').widgets" \
+                 ".find((w) => w.name === 'operator_name').options.values"
+        assert new.name not in page.evaluate(f"(() => {listed})()")
+        page.evaluate("""(() => { const n = LiteGraph.createNode('SILOTrainLatentOperator'); app.graph.add(n);
+          n.onExecuted({text: ['saved gaussian_blur_sd15_2.safetensors']}); return true; })()""")
+        page.wait_for(f"({listed}).includes({json.dumps(new.name)})", timeout=30,
+                      what="the new operator in the loader's list")
+    finally:
+        new.unlink(missing_ok=True)
+
+
+def test_the_degradation_node_shows_only_the_chosen_types_widgets(page):
+    """Issue 19, item 6: blur fields on a blur, the JPEG quality on JPEG; hidden widgets are still saved."""
+    load_workflow(page, ROOT / "workflows" / "silo_gaussian_deblur.json")
+    got = page.evaluate("""(() => {
+      const n = app.graph._nodes.find((n) => n.type === 'SILODegradation');
+      const shown = () => n.widgets.filter((w) => !w.hidden).map((w) => w.name);
+      const before = {shown: shown(), saved: n.serialize().widgets_values.length, h: n.size[1]};
+      const kind = n.widgets.find((w) => w.name === 'type');
+      kind.value = 'jpeg'; kind.callback?.('jpeg');
+      return {before, shown: shown(), saved: n.serialize().widgets_values.length, h: n.size[1]};
+    })()""")
+    assert got["before"]["shown"] == ["type", "blur_kernel_size", "blur_sigma"], got
+    assert got["shown"] == ["type", "jpeg_quality"], got
+    assert got["saved"] == got["before"]["saved"], "every widget value is still saved"
+    assert got["h"] < got["before"]["h"], "the node shrinks to what it shows"
+
+
+def test_error_dialogs_name_our_nodes_as_users_see_them(page):
+    """Issue 19, item 6: the execution-error dialog's title is the node's display name, not its class name."""
+    load_workflow(page, ROOT / "workflows" / "silo_gaussian_deblur.json")
+    page.evaluate("""(() => { window.comfyAPI.api.api.dispatchCustomEvent('execution_error', {
+      prompt_id: 'x', node_id: '1', node_type: 'SILOKSampler', executed: [], exception_type: 'ValueError',
+      exception_message: '[comfyui-silo] SILO KSampler: input operator: test', traceback: [],
+      current_inputs: {}, current_outputs: {}}); return true; })()""")
+    text = page.wait_for("(() => { const d = document.querySelector('.p-dialog'); return d && d.innerText; })()",
+                         timeout=20, what="the error dialog")
+    try:
+        assert "SILO KSampler" in text and "SILOKSampler" not in text, text[:500]
+    finally:
+        page.evaluate("(() => { document.querySelectorAll('.p-dialog-close-button, .p-dialog-header-close')"
+                      ".forEach((b) => b.click()); return true; })()")

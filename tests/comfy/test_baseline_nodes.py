@@ -168,3 +168,36 @@ def test_restore_with_n_seeds_runs_a_solver_per_seed(comfy_host, setup):
         comfy_host.run_node("SILORestoreSeeds", guider=guider, sampler=sampler, sigmas=sigmas,
                             latent_image={"samples": latent["samples"].repeat(2, 1, 1, 1)}, vae=vae, noise_seed=0,
                             seeds=2)
+
+
+def test_restore_with_n_seeds_shows_one_bar_over_all_seeds_and_names_the_seed(comfy_host, setup, monkeypatch):
+    """Issue 19: one bar of seeds x steps that never moves back (ReSample's inner work folded into its steps), and
+    the node says which seed is sampling."""
+    import importlib
+
+    import comfy.utils
+
+    model, cond, vae, meas, latent = setup
+    # the module the host loaded the pack as (custom_nodes.comfyui-silo...), whose sample_seeds the node calls
+    host = importlib.import_module(comfy_host.node_class("SILORestoreSeeds").__module__.rsplit(".", 1)[0] + ".host")
+    (guider,) = comfy_host.run_node("BasicGuider", model=model, conditioning=cond)
+    (sigmas,) = comfy_host.run_node("BasicScheduler", model=model, scheduler="normal", steps=3, denoise=1.0)
+    (sampler,) = comfy_host.run_node(
+        "SILOReSampleSampler", model=model, measurement=meas, vae=vae, consistency_every=1, latent_steps=3,
+        lr=0.05, optimization="auto", pixel_steps=3, tolerance=1e-4, gamma=40.0, variance="paper", dps_eta=0.0,
+        early_stop=-1)
+    texts, bar = [], []
+    monkeypatch.setattr(host, "progress_text", texts.append)
+    previous = comfy.utils.PROGRESS_BAR_HOOK
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: bar.append((value, total)))
+    try:
+        comfy_host.run_node("SILORestoreSeeds", guider=guider, sampler=sampler, sigmas=sigmas, latent_image=latent,
+                            vae=vae, noise_seed=7, seeds=2)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(previous)
+    assert texts == ["seed 7 (1 of 2)", "seed 8 (2 of 2)"]
+    assert {t for _, t in bar} == {6}, f"one bar of 2 seeds x 3 steps: {bar}"
+    fractions = [v / t for v, t in bar]
+    assert all(b >= a - 1e-9 for a, b in zip(fractions, fractions[1:], strict=False)), bar
+    assert any(v != int(v) for v, _ in bar), f"ReSample's inner work moves the bar within its steps: {bar}"
+    assert (3, 6) in bar and bar[-1] == (6, 6)

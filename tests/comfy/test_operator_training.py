@@ -58,7 +58,10 @@ def test_operator_trained_on_the_random_sd15_vae_beats_trivial_baselines(comfy_h
     path.unlink()
 
 
-def test_training_node_writes_a_file_the_loader_lists_and_loads(comfy_host, sd15_small):
+def test_training_node_writes_a_file_the_loader_lists_and_loads(comfy_host, sd15_small, monkeypatch):
+    import sys
+
+    import comfy.utils
     import folder_paths
 
     model, _clip, vae = sd15_small
@@ -70,7 +73,10 @@ def test_training_node_writes_a_file_the_loader_lists_and_loads(comfy_host, sd15
     op, report, curve = comfy_host.run_node("SILOTrainLatentOperator", images=images, model=model, vae=vae,
                                             degradation=deg, steps=4, batch_size=2, crop_size=64, learning_rate=1e-3,
                                             max_noise_sigma=0.05, pool_size=4, seed=0, filename="ci/sr4_tiny")
-    assert "saved sr4_tiny" in report and "held-out latent L1" in report
+    assert "saved sr4_tiny" in report and "held-out latent error" in report
+    # the node has the VAE: the report gives decoded fidelity next to the VAE's own floor, and a verdict
+    assert "VAE floor" in report and "gap closed" in report, report
+    assert any(report.splitlines()[-1].startswith(v) for v in ("good", "usable", "WARNING")), report
     # the training curve: an IMAGE chart with the operator's line and the two baselines in distinct colours
     assert curve.ndim == 4 and curve.shape[0] == 1 and curve.shape[-1] == 3 and curve.shape[1] >= 200
     colours = {tuple(c) for c in (curve[0] * 255).round().reshape(-1, 3).int().tolist()}
@@ -83,12 +89,28 @@ def test_training_node_writes_a_file_the_loader_lists_and_loads(comfy_host, sd15
     (loaded,) = comfy_host.run_node("SILOLatentOperatorLoader", operator_name="ci/sr4_tiny.safetensors")
     z = torch.randn(1, 4, 8, 8)
     assert torch.equal(loaded(z, sigma_y=0.02), op(z, sigma_y=0.02))
-    assert "super-resolution" in comfy_host.last_ui["text"][0].lower() or "×4" in comfy_host.last_ui["text"][0]
-    # a second run never overwrites the first file
-    comfy_host.run_node("SILOTrainLatentOperator", images=images, model=model, vae=vae, degradation=deg, steps=1,
-                        batch_size=2, crop_size=64, learning_rate=1e-3, max_noise_sigma=0.05, pool_size=2, seed=0,
-                        filename="ci/sr4_tiny")
+    shown = comfy_host.last_ui["text"][0]
+    assert "super-resolution" in shown.lower() or "×4" in shown
+    # the loader shows what the file says about the operator's quality: the same numbers and verdict
+    assert "architecture: PhysicsOperator" in shown and "VAE floor" in shown, shown
+    assert report.splitlines()[-1] in shown, (report, shown)
+    # a second run never overwrites the first file; its bar moves during encoding too, and never back (issue 19)
+    texts, bar = [], []
+    operator_nodes = sys.modules[comfy_host.node_class("SILOTrainLatentOperator").__module__]  # as the host loaded it
+    monkeypatch.setattr(operator_nodes, "progress_text", texts.append)
+    previous = comfy.utils.PROGRESS_BAR_HOOK
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: bar.append((value, total)))
+    try:
+        _op, report2, _curve = comfy_host.run_node(
+            "SILOTrainLatentOperator", images=images, model=model, vae=vae, degradation=deg, steps=2, batch_size=2,
+            crop_size=64, learning_rate=1e-3, max_noise_sigma=0.05, pool_size=4, seed=0, filename="ci/sr4_tiny")
+    finally:
+        comfy.utils.set_progress_bar_global_hook(previous)
     assert "ci/sr4_tiny_2.safetensors" in folder_paths.get_filename_list("latent_operators")
+    assert report2.startswith("saved sr4_tiny_2.safetensors"), "the node's text names the saved file"
+    assert texts == ["encoding 4 training pairs", "training 2 steps"]
+    assert {t for _, t in bar} == {6} and bar[0] == (2, 6) and bar[-1] == (6, 6), bar
+    assert all(b[0] >= a[0] for a, b in zip(bar, bar[1:], strict=False)), bar
 
 
 def test_loader_refuses_a_file_that_is_not_an_operator(comfy_host, small_checkpoint):
@@ -104,6 +126,15 @@ def test_loader_refuses_a_file_that_is_not_an_operator(comfy_host, small_checkpo
     with pytest.raises(ValueError, match="Latent Degradation Operator.*operator_name"):
         comfy_host.run_node("SILOLatentOperatorLoader", operator_name="not_an_operator.safetensors")
     bogus.unlink()
+
+
+def test_a_missing_operator_file_says_how_to_get_one(comfy_host):
+    loader = comfy_host.node_class("SILOLatentOperatorLoader")
+    msg = loader.validate_inputs(operator_name="jpeg_q10_sd15.safetensors")
+    assert "is not in models/latent_operators" in msg
+    assert "silo_train_operator_from_generated_images" in msg and "train-operator" in msg and "(R)" in msg
+    with pytest.raises(ValueError, match="silo_train_operator_from_generated_images.*train-operator"):
+        comfy_host.run_node("SILOLatentOperatorLoader", operator_name="jpeg_q10_sd15.safetensors")
 
 
 def test_training_node_explains_bad_settings(comfy_host, sd15_small):
@@ -206,3 +237,28 @@ def test_loader_bounds_file_strings_and_refuses_nan_weights(comfy_host):
         comfy_host.run_node("SILOLatentOperatorLoader", operator_name="huge_strings.safetensors")
     assert len(str(exc.value)) < 1000
     path.unlink()
+
+
+def test_loader_flags_a_useless_operator_from_an_older_file(comfy_host, sd15_small):
+    """A file written before verdicts were stored (held-out L1 only, operator no better than identity) is flagged
+    by the loader with a WARNING that names the baseline it fails to beat, and the SILO samplers that use it say so
+    on their node too."""
+    import folder_paths
+
+    from comfyui_silo.operators.io import save_operator
+    from comfyui_silo.operators.network import LatentOperator
+
+    folder = Path(folder_paths.get_folder_paths("latent_operators")[0])
+    old_report = {"steps": 300, "images": 8, "date": "2026-01-01",
+                  "heldout": {"operator": {"l1": 0.0424}, "identity": {"l1": 0.0423}, "naive_latent": {"l1": 0.0401}}}
+    save_operator(folder / "old_useless.safetensors", LatentOperator(width=8),
+                  degradation={"type": "gaussian_blur", "kernel_size": 61, "sigma": 3.0},
+                  latent_format={"name": "SD15", "latent_channels": 4, "scale_factor": 0.18215}, training=old_report)
+    (op,) = comfy_host.run_node("SILOLatentOperatorLoader", operator_name="old_useless.safetensors")
+    shown = comfy_host.last_ui["text"][0]
+    assert "held-out L1: operator 0.0424 | identity 0.0423 | degradation-on-latent 0.0401" in shown, shown
+    assert "WARNING: the operator does not beat the degradation-on-latent baseline" in shown, shown
+    silo = _host_module(comfy_host, "nodes.silo")
+    warning = silo.check_operator(sd15_small[0], op, None, "SILO KSampler")
+    assert warning.startswith("Operator quality: WARNING: the operator does not beat"), warning
+    (folder / "old_useless.safetensors").unlink()

@@ -28,6 +28,20 @@ def test_host_registers_exactly_the_nodes_listed_for_manager(comfy_host):
         assert comfy_host.nodes.NODE_DISPLAY_NAME_MAPPINGS[node_id] == name
 
 
+def test_every_node_that_shows_text_is_an_output_node(comfy_host):
+    """The host re-sends a cached node's result only for output nodes; a text node that is not one shows an empty
+    box after a cached re-run (issue 19). Output nodes are exactly the nodes that show something."""
+    from comfyui_silo.tools.workflow_build import TEXT_NODES
+
+    ours = _our_nodes(comfy_host)
+    for node_id in TEXT_NODES:
+        assert ours[node_id].GET_NODE_INFO_V1()["output_node"] is True, node_id
+    shows_nothing = {"SILODegradation", "SILOApplyDegradation", "SILOEncodeMeasurement", "SILOSampler",
+                     "SILOLatentDPSSampler", "SILOReSampleSampler"}
+    for node_id in shows_nothing:
+        assert ours[node_id].GET_NODE_INFO_V1()["output_node"] is False, node_id
+
+
 def test_every_node_and_input_is_documented(comfy_host):
     for node_id, cls in _our_nodes(comfy_host).items():
         info = cls.GET_NODE_INFO_V1()

@@ -91,7 +91,7 @@ def test_encode_measurement_explains_bad_sizes(comfy_host, sd15_small):
     (deg,) = comfy_host.run_node("SILODegradation", type="gaussian_blur", blur_kernel_size=9, blur_sigma=2.0,
                                  sr_factor=4, box_top=0, box_left=0, box_height=8, box_width=8, random_box_size=16,
                                  random_box_seed=0, jpeg_quality=10)
-    with pytest.raises(ValueError, match="Encode Measurement.*'image'.*multiple of 8"):
+    with pytest.raises(ValueError, match="Encode Measurement.*'image'.*multiple of 8.*ImageCrop"):
         comfy_host.run_node("SILOEncodeMeasurement", image=torch.rand(1, 60, 64, 3), vae=vae, degradation=deg,
                             noise_sigma=0.01)
     with pytest.raises(ValueError, match="empty"):

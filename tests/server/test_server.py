@@ -27,6 +27,11 @@ def test_object_info_lists_our_nodes_with_their_inputs(comfy_server):
     options = kind[1]["options"] if kind[0] == "COMBO" else kind[0]  # new and old combo serialisations
     assert options[:2] == ["gaussian_blur", "super_resolution"]
     assert "mask" in deg["optional"]
+    # the web extension shows only the chosen type's widgets: each widget names its type (issue 19)
+    owner = {name: spec[1].get("silo_degradation_type") for name, spec in deg["required"].items() if name != "type"}
+    assert owner["blur_sigma"] == "gaussian_blur" and owner["sr_factor"] == "super_resolution"
+    assert owner["jpeg_quality"] == "jpeg" and owner["random_box_seed"] == "random_box_inpaint"
+    assert all(owner.values()), owner
     apply_inputs = info["SILOApplyDegradation"]["input"]["required"]
     assert apply_inputs["degradation"][0] == "DEGRADATION"
     assert apply_inputs["noise_sigma"][1]["default"] == pytest.approx(0.01)

@@ -164,8 +164,8 @@ def test_refuses_pickle_paths(tmp_path, suffix):
 
 def test_refuses_future_format_version(saved):
     _, path = saved
-    _rewrite_metadata(path, format_version="2")
-    with pytest.raises(ValueError, match=r"format version 2.*supports up to version 1.*Update comfyui-silo"):
+    _rewrite_metadata(path, format_version="3")
+    with pytest.raises(ValueError, match=r"format version 3.*supports up to version 2.*Update comfyui-silo"):
         load_operator(path)
 
 
@@ -221,7 +221,12 @@ def test_latent_format_compatibility():
 
 
 def test_registry():
-    assert ARCHITECTURES == {"LatentOperator": LatentOperator, "SiloReferenceCNN": SiloReferenceCNN}
+    from comfyui_silo.operators.io import ARCHITECTURE_VERSIONS
+    from comfyui_silo.operators.network import PhysicsOperator
+
+    assert ARCHITECTURES == {"LatentOperator": LatentOperator, "SiloReferenceCNN": SiloReferenceCNN,
+                             "PhysicsOperator": PhysicsOperator}
+    assert set(ARCHITECTURE_VERSIONS) == set(ARCHITECTURES)
 
 
 # ---------------------------------------------------------------------- paper reference CNN
@@ -463,7 +468,7 @@ def test_oversized_header_is_refused_before_parsing(tmp_path):
 
 def test_update_advice_only_for_newer_files(saved):
     _, path = saved
-    for change, damaged in (({"format_version": "2"}, False), ({"format_version": "x"}, True),
+    for change, damaged in (({"format_version": "3"}, False), ({"format_version": "x"}, True),
                             ({"architecture": "{not json"}, True), ({"degradation": "[1, 2]"}, True),
                             ({"architecture": json.dumps({"class": "Future", "config": {}})}, True)):
         _rewrite_metadata(path, **{"format_version": "1", **change})

@@ -175,3 +175,18 @@ def test_readme_links_the_browser_screenshot():
     assert "](docs/browser_deblur.png)" in readme
     with Image.open(ROOT / "docs" / "browser_deblur.png") as im:
         assert im.format == "PNG" and im.width >= 1200, "zoomed in enough that the nodes' text is drawn"
+
+
+@pytest.mark.parametrize("path", [p for p in WORKFLOWS if '"photo | restored"' in p.read_text(encoding="utf-8")],
+                         ids=lambda p: p.stem)
+def test_the_side_by_side_preview_keeps_the_restored_size(path):
+    """Issue 19: ImageStitch scales image2 to image1, so the restoration must be image1 (a x8 photo is scaled up in
+    the preview, never the restoration down to the photo's height); the photo is stitched to its left."""
+    wf = json.loads(path.read_text(encoding="utf-8"))
+    nodes = {n["id"]: n for n in wf["nodes"]}
+    source = {(dst, slot): nodes[src] for _l, src, _ss, dst, slot, _t in wf["links"]}
+    side = next(n for n in wf["nodes"] if n.get("title") == "photo | restored")
+    names = [i["name"] for i in side["inputs"]]
+    assert source[(side["id"], names.index("image1"))]["type"] == "VAEDecode"
+    assert source[(side["id"], names.index("image2"))]["type"] == "LoadImage"
+    assert side["widgets_values"][:2] == ["left", True]

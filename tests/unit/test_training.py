@@ -14,7 +14,9 @@ from comfyui_silo.operators.training import (
     TrainSettings,
     TrainState,
     _training_degradation,
+    evaluate,
     format_report,
+    prepare_heldout,
     train_operator,
 )
 
@@ -79,7 +81,9 @@ def test_trained_blur_operator_beats_both_trivial_baselines(imgs, encoder):
     assert res.report["beats_identity"] and res.report["beats_naive_latent"]
     assert [c["step"] for c in res.report["curve"]] == [125, 250]
     assert res.report["heldout_images"] == 2 and res.report["images"] == len(imgs) - 2
-    assert "operator error is" in format_report(res.report)
+    text = format_report(res.report)
+    assert "of the best trivial baseline (degradation-on-latent" in text and "%" in text, text
+    assert res.report["fidelity"]["verdict"]["level"] in ("good", "usable"), text
     assert not any(p.requires_grad for p in res.operator.parameters())
 
 
@@ -163,10 +167,17 @@ def test_progress_and_interrupt(imgs, encoder):
 
     deg = build_degradation({"type": "identity"})
     with pytest.raises(Stop):
-        train_operator(encoder, deg, imgs, steps=50, batch_size=2, crop_size=32, heldout_fraction=0,
+        train_operator(encoder, deg, imgs, steps=50, batch_size=2, crop_size=32, heldout_fraction=0, pool_size=0,
                        progress=lambda s, n, info: seen.append((s, n)), should_stop=should_stop,
                        operator=LatentOperator(width=8))
     assert seen == [(1, 50), (2, 50), (3, 50)]
+    # with a pool (the default), its encoding reports progress too and can be stopped
+    phases = []
+    with pytest.raises(Stop):
+        train_operator(encoder, deg, imgs, steps=50, batch_size=2, crop_size=32, heldout_fraction=0, pool_size=64,
+                       progress=lambda s, n, info: phases.append(info), should_stop=lambda: len(phases) >= 3 and
+                       (_ for _ in ()).throw(Stop()), operator=LatentOperator(width=8))
+    assert [p["encoded"] for p in phases] == [2, 4, 6] and all(p["phase"] == "encoding" for p in phases)
 
 
 @pytest.mark.parametrize(("opts", "field"), [
@@ -232,3 +243,32 @@ def test_training_works_for_sixteen_channel_latents(imgs, tmp_path):
     assert read_operator_metadata(path)["latent_format"]["name"] == "SD3"
     z = torch.randn(1, 16, 6, 5)
     assert torch.equal(load_operator(path)(z, 0.01), res.operator(z, 0.01))
+
+
+def test_downscale_is_read_from_the_encoder_and_the_report_shows_decoded_fidelity(imgs):
+    """A 4x 'autoencoder' (pixel unshuffle, exactly invertible): the report names downscale 4, the naive baseline
+    blurs the latent with sigma / 4 (not / 8), and with the decoder the report adds PSNR/SSIM next to the floor,
+    the gap closed and the verdict, on the node's text and the chart."""
+    from comfyui_silo.operators.charts import training_curve_chart
+
+    encode = lambda x: torch.nn.functional.pixel_unshuffle(x, 4) - 0.5  # noqa: E731
+    decode = lambda z: torch.nn.functional.pixel_shuffle(z + 0.5, 4)  # noqa: E731
+    spec = {"type": "gaussian_blur", "kernel_size": 21, "sigma": 3.0}
+    res = train_operator(encode, spec, imgs, steps=60, batch_size=4, crop_size=32, pool_size=32, eval_every=60,
+                         heldout_fraction=0.25, decode=decode, operator_config={"width": 16, "num_blocks": 1,
+                                                                                "decoder_width": 16})
+    rep = res.report
+    assert rep["downscale"] == 4 and rep["architecture"] == "PhysicsOperator"
+    assert res.operator.config["downscale"] == 4
+    held = rep["fidelity"]["latent"]
+    deg = build_degradation(spec)
+    again = prepare_heldout(encode, deg, imgs[-rep["heldout_images"]:], 32, 0.0, 0, area=0.65)
+    at4, at8 = (evaluate(res.operator, deg, again, s)["naive_latent"]["rel_l2"] for s in (4, 8))
+    assert held["naive_latent"]["rel_l2"] == pytest.approx(at4) and abs(at4 - at8) > 1e-3
+    dec = rep["fidelity"]["decoded"]
+    assert dec["floor"]["psnr"] > 90, "an exact autoencoder's floor is perfect"
+    assert dec["operator"]["psnr"] > dec["identity"]["psnr"] and 0 < dec["gap_closed"] <= 1
+    text = format_report(rep)
+    assert "VAE floor" in text and "gap closed" in text and rep["fidelity"]["verdict"]["text"] in text
+    assert rep["steps_per_second"] > 0 and rep["encodes_per_second"] > 0 and rep["encodes"] == 64
+    assert training_curve_chart(rep).size == (640, 400)

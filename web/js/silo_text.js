@@ -9,7 +9,17 @@
 // TEXT_NODES get the box when they are created, so a workflow opens with room for it; the shipped workflows'
 // layout (scripts/build_workflows.py, tools/workflow_build.py TEXT_NODES) reserves that room and a unit test keeps
 // both lists equal. Any other node of this pack that sends text gets the box on its first result.
+//
+// The box always shows the node's latest result:
+// - a cached node: the text nodes are output nodes (nodes/*.py), and the host re-sends a cached output node's
+//   result on every run, so a re-run whose node is cached still fills the box;
+// - tab switches and re-opened workflows: the frontend swaps `app.nodeOutputs` (it keeps each tab's results) and
+//   tells extensions through `onNodeOutputsUpdated`; the boxes are refilled from there (images come back the
+//   same way in core).
+// After Train Latent Operator runs, the node lists are refreshed (core's "Refresh Node Definitions"), so the new
+// operator file is in every Latent Degradation Operator's list at once.
 import { app } from "../../../scripts/app.js";
+import { api } from "../../../scripts/api.js";
 import { ComfyWidgets } from "../../../scripts/widgets.js";
 
 const TEXT_NODES = [
@@ -52,10 +62,50 @@ function textOf(message) {
   return (Array.isArray(text) ? text : [text]).map((t) => String(t)).join("\n");
 }
 
+function showText(node, text) {
+  const existed = !!resultsWidget(node, false);
+  const widget = resultsWidget(node, true);
+  widget.value = text;
+  if (widget.element) widget.element.value = text;
+  if (!existed) {
+    // a late box: grow the node so the box has room (its inputs keep theirs)
+    const min = node.computeSize();
+    node.setSize([Math.max(node.size[0], min[0]), Math.max(node.size[1], min[1])]);
+  }
+  node.setDirtyCanvas?.(true, true);
+}
+
+function clearText(node) {
+  const widget = resultsWidget(node, false);
+  if (!widget) return;
+  widget.value = "";
+  if (widget.element) widget.element.value = "";
+}
+
+const TRAINING_NODE = "SILOTrainLatentOperator";
+let refreshing = null;
+
+function refreshOperatorLists() {
+  // core's "Refresh Node Definitions": every combo (the operator lists included) re-read from the server
+  refreshing ??= Promise.resolve(app.refreshComboInNodes?.())
+    .catch((e) => console.warn("[comfyui-silo] could not refresh the operator lists:", e))
+    .finally(() => { refreshing = null; });
+  return refreshing;
+}
+
+// Error dialogs are titled with the node's class; show ours with the name users see on the canvas. This module is
+// loaded before the frontend adds its own websocket handlers (which open the dialog), so this listener runs first.
+const DISPLAY_NAMES = {};
+api.addEventListener("execution_error", ({ detail }) => {
+  const shown = DISPLAY_NAMES[detail?.node_type];
+  if (shown) detail.node_type = shown;
+});
+
 app.registerExtension({
   name: "comfyui-silo.NodeResults",
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (!isOurs(nodeData)) return;
+    if (nodeData.display_name) DISPLAY_NAMES[nodeData.name] = nodeData.display_name;
     const eager = TEXT_NODES.includes(nodeData.name);
 
     const onNodeCreated = nodeType.prototype.onNodeCreated;
@@ -69,17 +119,18 @@ app.registerExtension({
     nodeType.prototype.onExecuted = function (message) {
       onExecuted?.apply(this, arguments);
       const text = textOf(message);
-      if (text == null) return;
-      const existed = !!resultsWidget(this, false);
-      const widget = resultsWidget(this, true);
-      widget.value = text;
-      if (widget.element) widget.element.value = text;
-      if (!existed) {
-        // a late box: grow the node so the box has room (its inputs keep theirs)
-        const min = this.computeSize();
-        this.setSize([Math.max(this.size[0], min[0]), Math.max(this.size[1], min[1])]);
-      }
-      this.setDirtyCanvas?.(true, true);
+      if (text != null) showText(this, text);
+      if (nodeData.name === TRAINING_NODE) refreshOperatorLists();
     };
+  },
+
+  onNodeOutputsUpdated(outputs) {
+    // another tab's (or a re-opened workflow's) results: what the page holds for each of our nodes
+    for (const node of app.graph?._nodes ?? []) {
+      if (!resultsWidget(node, false)) continue;
+      const text = textOf(outputs?.[String(node.id)]);
+      if (text != null) showText(node, text);
+      else clearText(node);
+    }
   },
 });
