@@ -310,3 +310,19 @@ def test_error_dialogs_name_our_nodes_as_users_see_them(page):
     finally:
         page.evaluate("(() => { document.querySelectorAll('.p-dialog-close-button, .p-dialog-header-close')"
                       ".forEach((b) => b.click()); return true; })()")
+
+
+def test_a_text_that_arrives_before_the_page_knows_its_run_survives_a_tab_switch(page):
+    """A fully cached re-run can send its texts before the frontend has stored the run's prompt, and the frontend
+    then keeps them in no tab; the extension keeps them in the tab's record itself."""
+    load_workflow(page, ROOT / "workflows" / "silo_gaussian_deblur.json")
+    page.evaluate("(() => { app.graph._nodes.find((n) => n.type === 'SILORestorationMetrics')"
+                  ".onExecuted({text: ['consistency: kept across tabs']}); return true; })()")
+    load_workflow(page, ROOT / "workflows" / "silo_jpeg_restoration.json")
+    page.evaluate("(async () => { await app.extensionManager.command.execute("
+                  "'Workspace.PreviousOpenedWorkflow'); return true; })()")
+    page.wait_for("app.graph._nodes.some((n) => n.type === 'SILOLatentOperatorLoader' && "
+                  "n.widgets.find((w) => w.name === 'operator_name').value.startsWith('gaussian_blur'))",
+                  timeout=30, what="the deblurring tab to come back")
+    time.sleep(1.0)
+    assert shown_texts(page)["SILORestorationMetrics"] == "consistency: kept across tabs"

@@ -30,7 +30,9 @@ def test_train_operator_cli_writes_a_loadable_operator_and_resumes(tmp_path, sma
             "--state", str(state)]
     proc = subprocess.run(base + ["--steps", "2", "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "3 images" in proc.stdout and "held-out latent L1" in proc.stdout
+    assert "3 images" in proc.stdout and "held-out latent error" in proc.stdout
+    # the CLI has the VAE: decoded fidelity next to the VAE's own floor, and the verdict (issue 18)
+    assert "VAE floor" in proc.stdout and any(v in proc.stdout for v in ("good:", "usable:", "WARNING")), proc.stdout
     op = load_operator(out)
     assert op.degradation == {"type": "super_resolution", "factor": 4}
     assert op.latent_format["name"] == "SD15" and op.training["steps"] == 2

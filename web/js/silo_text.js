@@ -15,7 +15,8 @@
 //   result on every run, so a re-run whose node is cached still fills the box;
 // - tab switches and re-opened workflows: the frontend swaps `app.nodeOutputs` (it keeps each tab's results) and
 //   tells extensions through `onNodeOutputsUpdated`; the boxes are refilled from there (images come back the
-//   same way in core).
+//   same way in core). Each text is also kept in the tab's record (`remember`), which the frontend itself skips
+//   for results that arrive before it has stored the run's prompt (a fully cached re-run).
 // After Train Latent Operator runs, the node lists are refreshed (core's "Refresh Node Definitions"), so the new
 // operator file is in every Latent Degradation Operator's list at once.
 import { app } from "../../../scripts/app.js";
@@ -82,6 +83,17 @@ function clearText(node) {
   if (widget.element) widget.element.value = "";
 }
 
+function remember(node, message) {
+  // Keep the text in the tab's own record of results, which the frontend restores on a tab switch. The frontend
+  // writes that record itself only when it already knows the run's prompt: the text of a fully cached re-run can
+  // arrive before it does, and would be lost on the next tab switch.
+  const tracker = app.extensionManager?.workflow?.activeWorkflow?.changeTracker;
+  if (!tracker) return;
+  tracker.nodeOutputs ??= {};
+  const id = String(node.id);
+  tracker.nodeOutputs[id] = { ...(tracker.nodeOutputs[id] ?? {}), text: message.text };
+}
+
 const TRAINING_NODE = "SILOTrainLatentOperator";
 let refreshing = null;
 
@@ -119,7 +131,10 @@ app.registerExtension({
     nodeType.prototype.onExecuted = function (message) {
       onExecuted?.apply(this, arguments);
       const text = textOf(message);
-      if (text != null) showText(this, text);
+      if (text != null) {
+        showText(this, text);
+        remember(this, message);
+      }
       if (nodeData.name === TRAINING_NODE) refreshOperatorLists();
     };
   },
