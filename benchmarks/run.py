@@ -398,72 +398,100 @@ def run_compiled(b: Bench, log) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------------- goals
+def _sampling_row(rows: list[dict], solver: str, size: int, batch: int = 1, cfg: float = 1.0) -> dict | None:
+    """The sampling row of one configuration, or None."""
+    return next((r for r in rows if (r["solver"], r["size"], r["batch"], r["cfg"]) == (solver, size, batch, cfg)),
+                None)
+
+
+def _component(comps: list[dict], what: str, size: int, key: str = "ms") -> float | None:
+    """A component's measurement at ``size``: seconds (``key="ms"``) or another field as stored, or None."""
+    c = next((c for c in comps if c["what"] == what and c["size"] == size), None)
+    if c is None:
+        return None
+    return c["ms"] / 1e3 if key == "ms" else c[key]
+
+
+def _goal(goal: str, measured: str, target: str, met: bool | None, note: str = "") -> dict:
+    return dict(goal=goal, measured=measured, target=target, met=met, note=note)
+
+
+def _time_goals(rows: list[dict], comps: list[dict], base: int) -> list[dict]:
+    """SILO's overhead over the plain KSampler: x0 mode ≤ 1.15×; unet mode ≤ 1.1× of the plain run with every UNet
+    forward replaced by a forward+backward (what the gradient must cost)."""
+    plain, x0, unet = (_sampling_row(rows, s, base) for s in ("KSampler", "SILO x0", "SILO unet"))
+    goals = [_goal(f"SILO x0 time ≤ 1.15× plain KSampler ({base}², cfg 1)", f"{x0['x_ksampler']:.2f}×", "≤ 1.15×",
+                   x0["x_ksampler"] <= 1.15, _by(x0["x_ksampler"], 1.15))]
+    fwd, fb = _component(comps, "UNet forward", base), _component(comps, "UNet forward+backward (w.r.t. input)", base)
+    if fwd is not None and fb is not None:
+        expected = plain["s_run"] + plain["steps"] * (fb - fwd)
+        ratio = unet["s_run"] / expected
+        goals.append(_goal(f"SILO unet time ≤ 1.1× (KSampler + steps × (UNet fwd+bwd − fwd)) ({base}², cfg 1)",
+                           f"{ratio:.2f}× ({unet['s_run']:.2f} s vs {expected:.2f} s)", "≤ 1.10×", ratio <= 1.10,
+                           _by(ratio, 1.10)))
+    return goals
+
+
+def _speedup_goals(rows: list[dict], sizes: list[int]) -> list[dict]:
+    """Both SILO modes ≥ 3× faster than Latent-DPS and PSLD, at every size."""
+    goals = []
+    for size in sizes:
+        for solver in ("Latent-DPS", "PSLD"):
+            for mode in ("SILO unet", "SILO x0"):
+                s, d = _sampling_row(rows, mode, size), _sampling_row(rows, solver, size)
+                if s and d:
+                    speedup = d["s_run"] / s["s_run"]
+                    goals.append(_goal(f"{mode} ≥ 3× faster than {solver} ({size}², cfg 1)", f"{speedup:.2f}×",
+                                       "≥ 3×", speedup >= 3.0, _by(3.0, speedup)))
+    return goals
+
+
+def _vram_goals(rows: list[dict], comps: list[dict], base: int) -> list[dict]:
+    """Peak VRAM over the plain KSampler: x0 mode within 0.5 GiB; unet mode within the UNet's activations (+0.25 GiB
+    slack). Measured on CUDA only."""
+    plain, x0, unet = (_sampling_row(rows, s, base) for s in ("KSampler", "SILO x0", "SILO unet"))
+    if plain["peak_gib"] != plain["peak_gib"]:  # NaN: not measured (no CUDA)
+        return [_goal("peak VRAM goals", "n/a", "CUDA only", None, "no CUDA device in this run")]
+    d = x0["peak_gib"] - plain["peak_gib"]
+    goals = [_goal(f"SILO x0 peak VRAM within 0.5 GiB of plain ({base}²)", f"+{d:.2f} GiB", "≤ +0.50 GiB", d <= 0.5,
+                   _by(d, 0.5))]
+    act = next((c["peak_gib"] for c in comps if c["what"].startswith("UNet forward+backward") and c["size"] == base),
+               None)
+    fwd_peak = _component(comps, "UNet forward", base, key="peak_gib")
+    if act is not None and fwd_peak is not None:
+        budget = act - fwd_peak + 0.25
+        d = unet["peak_gib"] - plain["peak_gib"]
+        goals.append(_goal(f"SILO unet peak VRAM ≤ plain + UNet activations (+0.25 GiB slack) ({base}²)",
+                           f"+{d:.2f} GiB", f"≤ +{budget:.2f} GiB", d <= budget, _by(d, budget)))
+    return goals
+
+
+def _scaling_goals(rows: list[dict], base: int, large: int) -> list[dict]:
+    """Time per image linear in pixels: the large size ≤ 1.125× its pixel ratio of the base size's time."""
+    pixels = (large / base) ** 2
+    limit = 1.125 * pixels  # issue 6: 1024² ≤ 4.5× of 512² (4× the pixels)
+    goals = []
+    for solver in SOLVERS:
+        a, c = _sampling_row(rows, solver, base), _sampling_row(rows, solver, large)
+        if a and c:
+            r = c["s_image"] / a["s_image"]
+            goals.append(_goal(f"{solver}: {large}² ≤ {limit:.2g}× the time of {base}² (linear in pixels)",
+                               f"{r:.2f}×", f"≤ {limit:.2g}×", r <= limit, _by(r, limit)))
+    return goals
+
+
 def evaluate_goals(res: dict) -> list[dict]:
     """Issue 6's goals against this run's numbers: ``{goal, measured, target, met, note}``."""
     rows = res.get("sampling") or []
     comps = res.get("components") or []
-    goals = []
     if not rows:
-        return goals + _compiled_goals(res.get("compiled") or [], None)
-
-    def get(solver, size, batch=1, cfg=1.0):
-        return next((r for r in rows if (r["solver"], r["size"], r["batch"], r["cfg"]) ==
-                     (solver, size, batch, cfg)), None)
-
-    def comp(what, size):
-        return next((c["ms"] / 1e3 for c in comps if c["what"] == what and c["size"] == size), None)
-
+        return _compiled_goals(res.get("compiled") or [], None)
     sizes = sorted({r["size"] for r in rows})
     base, large = sizes[0], sizes[-1]
-    plain = get("KSampler", base)
-    steps = plain["steps"]
-
-    def add(goal, measured, target, met, note=""):
-        goals.append(dict(goal=goal, measured=measured, target=target, met=met, note=note))
-
-    x0 = get("SILO x0", base)
-    add(f"SILO x0 time ≤ 1.15× plain KSampler ({base}², cfg 1)", f"{x0['x_ksampler']:.2f}×", "≤ 1.15×",
-        x0["x_ksampler"] <= 1.15, _by(x0["x_ksampler"], 1.15))
-    unet = get("SILO unet", base)
-    fwd, fb = comp("UNet forward", base), comp("UNet forward+backward (w.r.t. input)", base)
-    if fwd is not None and fb is not None:
-        # the plain run with every UNet forward replaced by a forward+backward: what the gradient must cost
-        expected = plain["s_run"] + steps * (fb - fwd)
-        ratio = unet["s_run"] / expected
-        add(f"SILO unet time ≤ 1.1× (KSampler + steps × (UNet fwd+bwd − fwd)) ({base}², cfg 1)",
-            f"{ratio:.2f}× ({unet['s_run']:.2f} s vs {expected:.2f} s)", "≤ 1.10×", ratio <= 1.10, _by(ratio, 1.10))
-    for size in sizes:
-        for solver in ("Latent-DPS", "PSLD"):
-            for mode in ("SILO unet", "SILO x0"):
-                s, d = get(mode, size), get(solver, size)
-                if s and d:
-                    speedup = d["s_run"] / s["s_run"]
-                    add(f"{mode} ≥ 3× faster than {solver} ({size}², cfg 1)", f"{speedup:.2f}×", "≥ 3×",
-                        speedup >= 3.0, _by(3.0, speedup))
-    if plain["peak_gib"] == plain["peak_gib"]:  # measured (CUDA)
-        d = x0["peak_gib"] - plain["peak_gib"]
-        add(f"SILO x0 peak VRAM within 0.5 GiB of plain ({base}²)", f"+{d:.2f} GiB", "≤ +0.50 GiB", d <= 0.5,
-            _by(d, 0.5))
-        act = next((c["peak_gib"] for c in comps if c["what"].startswith("UNet forward+backward")
-                    and c["size"] == base), None)
-        fwd_peak = next((c["peak_gib"] for c in comps if c["what"] == "UNet forward" and c["size"] == base), None)
-        if act is not None and fwd_peak is not None:
-            budget = act - fwd_peak + 0.25
-            d = unet["peak_gib"] - plain["peak_gib"]
-            add(f"SILO unet peak VRAM ≤ plain + UNet activations (+0.25 GiB slack) ({base}²)", f"+{d:.2f} GiB",
-                f"≤ +{budget:.2f} GiB", d <= budget, _by(d, budget))
-    else:
-        add("peak VRAM goals", "n/a", "CUDA only", None, "no CUDA device in this run")
+    goals = _time_goals(rows, comps, base) + _speedup_goals(rows, sizes) + _vram_goals(rows, comps, base)
     if large != base:
-        pixels = (large / base) ** 2
-        limit = 1.125 * pixels  # issue 6: 1024² ≤ 4.5× of 512² (4× the pixels)
-        for solver in SOLVERS:
-            a, c = get(solver, base), get(solver, large)
-            if a and c:
-                r = c["s_image"] / a["s_image"]
-                add(f"{solver}: {large}² ≤ {limit:.2g}× the time of {base}² (linear in pixels)", f"{r:.2f}×",
-                    f"≤ {limit:.2g}×", r <= limit, _by(r, limit))
-    return goals + _compiled_goals(res.get("compiled") or [], unet)
+        goals += _scaling_goals(rows, base, large)
+    return goals + _compiled_goals(res.get("compiled") or [], _sampling_row(rows, "SILO unet", base))
 
 
 def _compiled_goals(compiled: list[dict], eager_unet: dict | None) -> list[dict]:
@@ -505,80 +533,105 @@ def _by(value: float, limit: float) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- output
+def _md_header(m: dict) -> list[str]:
+    """The block's start marker, title and the run's setting (device, versions, measurement, solvers)."""
+    return [MARK.format(preset=m["preset"]),
+            f"### Solver benchmark — preset `{m['preset']}` ({m['variant']} random-weight SD1.5)",
+            "",
+            f"{m['device']}, torch {m['torch']}, ComfyUI {m['comfyui']}, UNet {m['unet_dtype']}, VAE {m['vae_dtype']}, "
+            f"{m['date']}, commit {m['commit']}. Produced by "
+            + "; ".join(f"`{c}`" for c in m.get("commands") or [m["command"]]) + ".",
+            "",
+            f"Gaussian blur {m['blur'][0]}×{m['blur'][0]} σ={m['blur'][1]} + noise 0.01, scheduler normal, "
+            f"{m['steps']} steps; SILO η 0.5 ddpm clamp 1 (untrained operator); Latent-DPS η 1; PSLD η 1 γ 0.1; "
+            f"ReSample consistency every {m['resample']['consistency_every']} steps "
+            f"({m['resample'].get('optimization', 'auto')}: ≤{m['resample'].get('pixel_steps', 2000)} pixel-space / "
+            f"≤{m['resample']['latent_steps']} latent-space Adam steps each), γ 40. Median of up to {m['repeats']} "
+            "timed run(s) after a warm-up.",
+            ""]
+
+
+def _md_sampling(rows: list[dict]) -> list[str]:
+    lines = ["| solver | size | batch | cfg | s/image | s/step | × KSampler | peak VRAM GiB | runs |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['solver']} | {r['size']}² | {r['batch']} | {r['cfg']:g} | {r['s_image']:.3f} | "
+                     f"{r['s_step']:.4f} | {r['x_ksampler']:.2f} | {_gib(r['peak_gib'])} | {r['runs']} |")
+    return [*lines, ""]
+
+
+def _md_paper(q: dict) -> list[str]:
+    return [f"Paper setting (SILO, gradient through the UNet, {q['steps']} DDPM steps, η 0.5, CFG 1, "
+            f"{q['size']}²): {q['s_image']:.2f} s/image, {q['s_step'] * 1e3:.1f} ms/step, peak "
+            f"{_gib(q['peak_gib'])} GiB.", ""]
+
+
+def _md_components(comps: list[dict]) -> list[str]:
+    lines = ["| component (batch 1) | size | ms | peak GiB |", "|---|---|---|---|"]
+    lines += [f"| {c['what']} | {c['size']}² | {c['ms']:.1f} | {_gib(c['peak_gib'])} |" for c in comps if c["runs"]]
+    return [*lines, ""]
+
+
+def _md_training(training: list[dict]) -> list[str]:
+    lines = ["| operator training (box inpainting) | steps/s | images/s | peak GiB | held-out ≤ "
+             f"{training[0]['margin']:g}× identity reached after | final held-out / identity L1 |",
+             "|---|---|---|---|---|---|"]
+    for t in training:
+        reach = (f"{t['reach']['seconds']:.1f} s (step {t['reach']['step']})" if t["reach"]
+                 else f"not within {t['steps']} steps")
+        lines.append(f"| {t['size']}², batch {t['batch']} | {t['steps_per_s']:.2f} | {t['images_per_s']:.1f} | "
+                     f"{_gib(t['peak_gib'])} | {reach} | {t['heldout_l1']:.4f} / {t['identity_l1']:.4f} |")
+    return [*lines, ""]
+
+
+def _md_compiled(compiled: list[dict]) -> list[str]:
+    """The compiled-UNet table (failed variants with their error) and the graph-break reasons."""
+    lines = ["Stretch: the UNet compiled with the host's `set_torch_compile_wrapper` (its TorchCompileModel "
+             "node's mechanism; `mode` added), batch 1, CFG 1. The first run includes compilation and CUDA-graph "
+             "capture; graphs / graph breaks / CUDA-graph skips are torch.compile's own counters during that "
+             "solver's runs (graphs it added to the variant's cache; the solvers run in the order shown).",
+             "",
+             "| solver | UNet | size | first run s | s/image | s/step | × eager KSampler | × KSampler same UNet | "
+             "peak GiB | graphs / breaks / cudagraph skips |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in compiled:
+        unet = "eager" if r["backend"] == "eager" else f"{r['backend']}/{r['mode'] or 'default'}"
+        if r["error"] is not None:
+            err = r["error"].replace("|", "\\|")
+            lines.append(f"| {r['solver']} | {unet} | {r['size']}² | failed: {err} | | | | | | |")
+            continue
+        counts = (f"{r['graphs']} / {r['breaks']} / {r['cudagraph_skips']}" if "graphs" in r else "—")
+        lines.append(f"| {r['solver']} | {unet} | {r['size']}² | {r['first_s']:.2f} | {r['s_image']:.3f} | "
+                     f"{r['s_step']:.4f} | {r['x_eager_ksampler']:.2f} | {r['x_ksampler']:.2f} | "
+                     f"{_gib(r['peak_gib'])} | {counts} |")
+    lines.append("")
+    reasons = [(r, why) for r in compiled for why in r.get("break_reasons") or []]
+    if reasons:
+        lines += ["Graph breaks (count× first line of torch.compile's reason):", ""]
+        lines += [f"- {r['solver']}, {r['backend']}/{r['mode'] or 'default'}: {why}" for r, why in reasons]
+        lines.append("")
+    return lines
+
+
+def _md_goals(goals: list[dict]) -> list[str]:
+    lines = ["| goal (issue 6) | measured | target | met |", "|---|---|---|---|"]
+    for g in goals:
+        met = "—" if g["met"] is None else ("yes" if g["met"] else f"**no** ({g['note']})")
+        lines.append(f"| {g['goal']} | {g['measured']} | {g['target']} | {met} |")
+    return [*lines, ""]
+
+
+#: the report's sections in order: the results key and how it is rendered (sections without results are left out)
+_MD_SECTIONS = (("sampling", _md_sampling), ("paper", _md_paper), ("components", _md_components),
+                ("training", _md_training), ("compiled", _md_compiled), ("goals", _md_goals))
+
+
 def render_markdown(res: dict) -> list[str]:
+    """The results as markdown lines between this preset's markers (see :func:`write_markdown`)."""
     m = res["meta"]
-    lines = [MARK.format(preset=m["preset"]),
-             f"### Solver benchmark — preset `{m['preset']}` ({m['variant']} random-weight SD1.5)",
-             "",
-             f"{m['device']}, torch {m['torch']}, ComfyUI {m['comfyui']}, UNet {m['unet_dtype']}, VAE {m['vae_dtype']}, "
-             f"{m['date']}, commit {m['commit']}. Produced by "
-             + "; ".join(f"`{c}`" for c in m.get("commands") or [m["command"]]) + ".",
-             "",
-             f"Gaussian blur {m['blur'][0]}×{m['blur'][0]} σ={m['blur'][1]} + noise 0.01, scheduler normal, "
-             f"{m['steps']} steps; SILO η 0.5 ddpm clamp 1 (untrained operator); Latent-DPS η 1; PSLD η 1 γ 0.1; "
-             f"ReSample consistency every {m['resample']['consistency_every']} steps "
-             f"({m['resample'].get('optimization', 'auto')}: ≤{m['resample'].get('pixel_steps', 2000)} pixel-space / "
-             f"≤{m['resample']['latent_steps']} latent-space Adam steps each), γ 40. Median of up to {m['repeats']} "
-             "timed run(s) after a warm-up.",
-             ""]
-    if res.get("sampling"):
-        lines += ["| solver | size | batch | cfg | s/image | s/step | × KSampler | peak VRAM GiB | runs |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for r in res["sampling"]:
-            lines.append(f"| {r['solver']} | {r['size']}² | {r['batch']} | {r['cfg']:g} | {r['s_image']:.3f} | "
-                         f"{r['s_step']:.4f} | {r['x_ksampler']:.2f} | {_gib(r['peak_gib'])} | {r['runs']} |")
-        lines.append("")
-    if res.get("paper"):
-        q = res["paper"]
-        lines += [f"Paper setting (SILO, gradient through the UNet, {q['steps']} DDPM steps, η 0.5, CFG 1, "
-                  f"{q['size']}²): {q['s_image']:.2f} s/image, {q['s_step'] * 1e3:.1f} ms/step, peak "
-                  f"{_gib(q['peak_gib'])} GiB.", ""]
-    if res.get("components"):
-        lines += ["| component (batch 1) | size | ms | peak GiB |", "|---|---|---|---|"]
-        for c in res["components"]:
-            if c["runs"]:
-                lines.append(f"| {c['what']} | {c['size']}² | {c['ms']:.1f} | {_gib(c['peak_gib'])} |")
-        lines.append("")
-    if res.get("training"):
-        lines += ["| operator training (box inpainting) | steps/s | images/s | peak GiB | held-out ≤ "
-                  f"{res['training'][0]['margin']:g}× identity reached after | final held-out / identity L1 |",
-                  "|---|---|---|---|---|---|"]
-        for t in res["training"]:
-            reach = (f"{t['reach']['seconds']:.1f} s (step {t['reach']['step']})" if t["reach"]
-                     else f"not within {t['steps']} steps")
-            lines.append(f"| {t['size']}², batch {t['batch']} | {t['steps_per_s']:.2f} | {t['images_per_s']:.1f} | "
-                         f"{_gib(t['peak_gib'])} | {reach} | {t['heldout_l1']:.4f} / {t['identity_l1']:.4f} |")
-        lines.append("")
-    if res.get("compiled"):
-        lines += ["Stretch: the UNet compiled with the host's `set_torch_compile_wrapper` (its TorchCompileModel "
-                  "node's mechanism; `mode` added), batch 1, CFG 1. The first run includes compilation and CUDA-graph "
-                  "capture; graphs / graph breaks / CUDA-graph skips are torch.compile's own counters during that "
-                  "solver's runs (graphs it added to the variant's cache; the solvers run in the order shown).",
-                  "",
-                  "| solver | UNet | size | first run s | s/image | s/step | × eager KSampler | × KSampler same UNet | "
-                  "peak GiB | graphs / breaks / cudagraph skips |", "|---|---|---|---|---|---|---|---|---|---|"]
-        for r in res["compiled"]:
-            unet = "eager" if r["backend"] == "eager" else f"{r['backend']}/{r['mode'] or 'default'}"
-            if r["error"] is not None:
-                err = r["error"].replace("|", "\\|")
-                lines.append(f"| {r['solver']} | {unet} | {r['size']}² | failed: {err} | | | | | | |")
-                continue
-            counts = (f"{r['graphs']} / {r['breaks']} / {r['cudagraph_skips']}" if "graphs" in r else "—")
-            lines.append(f"| {r['solver']} | {unet} | {r['size']}² | {r['first_s']:.2f} | {r['s_image']:.3f} | "
-                         f"{r['s_step']:.4f} | {r['x_eager_ksampler']:.2f} | {r['x_ksampler']:.2f} | "
-                         f"{_gib(r['peak_gib'])} | {counts} |")
-        lines.append("")
-        reasons = [(r, why) for r in res["compiled"] for why in r.get("break_reasons") or []]
-        if reasons:
-            lines += ["Graph breaks (count× first line of torch.compile's reason):", ""]
-            lines += [f"- {r['solver']}, {r['backend']}/{r['mode'] or 'default'}: {why}" for r, why in reasons]
-            lines.append("")
-    if res.get("goals"):
-        lines += ["| goal (issue 6) | measured | target | met |", "|---|---|---|---|"]
-        for g in res["goals"]:
-            met = "—" if g["met"] is None else ("yes" if g["met"] else f"**no** ({g['note']})")
-            lines.append(f"| {g['goal']} | {g['measured']} | {g['target']} | {met} |")
-        lines.append("")
+    lines = _md_header(m)
+    for key, render in _MD_SECTIONS:
+        if res.get(key):
+            lines += render(res[key])
     if res.get("plot"):
         lines += [f"![time per image vs image size]({res['plot']})", ""]
     lines.append(MARK.format(preset=m["preset"]).replace("-->", "end -->"))
@@ -686,7 +739,7 @@ def parse_compile_variant(text: str) -> tuple[str, str | None]:
     return backend, (mode or None) if mode != "default" else None
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="gpu")
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
@@ -707,11 +760,11 @@ def main(argv=None) -> int:
                          "items, e.g. inductor:reduce-overhead,cudagraphs")
     ap.add_argument("--cpu", action="store_true", help="run on the CPU even when CUDA is available")
     ap.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH") or os.path.expanduser("~/ComfyUI"))
-    args = ap.parse_args(argv)
-    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-    unknown = set(sections) - set(SECTIONS)
-    if unknown:
-        ap.error(f"unknown sections {sorted(unknown)}")
+    return ap
+
+
+def _preset_overrides(ap: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
+    """The preset values the command line overrides (repeats, time limit, configurations, CFGs, compile variants)."""
     overrides = {k: v for k, v in (("repeats", args.repeats), ("max_config_seconds", args.max_config_seconds))
                  if v is not None}
     try:
@@ -726,17 +779,26 @@ def main(argv=None) -> int:
     except ValueError:
         ap.error("--configs takes SIZExBATCH items (size a multiple of 8), e.g. 512x1,512x4; --cfgs numbers, e.g. "
                  "1,7.5; --compile BACKEND[:MODE] items, e.g. inductor:reduce-overhead,cudagraphs")
+    return overrides
 
-    previous = None
-    if args.merge:
-        if not args.out:
-            ap.error("--merge needs --out: the folder that holds the earlier call's results.json")
-        if (Path(args.out) / "results.json").exists():
-            previous = json.loads((Path(args.out) / "results.json").read_text(encoding="utf-8"))
-            if previous["meta"].get("preset") != args.preset:
-                ap.error(f"--merge: {args.out}/results.json holds preset {previous['meta'].get('preset')!r}, not "
-                         f"{args.preset!r}; use another --out folder")
 
+def _previous_results(ap: argparse.ArgumentParser, args: argparse.Namespace) -> dict | None:
+    """With ``--merge``: the earlier call's results.json in ``--out`` (None when there is none yet)."""
+    if not args.merge:
+        return None
+    if not args.out:
+        ap.error("--merge needs --out: the folder that holds the earlier call's results.json")
+    if not (Path(args.out) / "results.json").exists():
+        return None
+    previous = json.loads((Path(args.out) / "results.json").read_text(encoding="utf-8"))
+    if previous["meta"].get("preset") != args.preset:
+        ap.error(f"--merge: {args.out}/results.json holds preset {previous['meta'].get('preset')!r}, not "
+                 f"{args.preset!r}; use another --out folder")
+    return previous
+
+
+def _run_in_host(args: argparse.Namespace, sections: list[str], overrides: dict) -> dict:
+    """Start ComfyUI in this process with the preset's checkpoint and run the harness on it."""
     from comfyui_silo.tools.cli import bootstrap_host
     from comfyui_silo.tools.host_harness import InProcessHost, ensure_checkpoint, make_base_directory
 
@@ -748,17 +810,11 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="silo-bench-") as tmp:
         host = InProcessHost(make_base_directory(Path(tmp), [ckpt]))
-        res = benchmark(host, ckpt.name, args.preset, sections, **overrides)
-    res["meta"]["command"] = "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:])
-    out = Path(args.out) if args.out else None
-    if previous is not None:
-        try:
-            res = merge_results(previous, res)
-        except ValueError as e:  # keep this call's numbers, then say why they were not merged
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "results.unmerged.json").write_text(json.dumps(res, indent=2, default=str), encoding="utf-8")
-            print(f"benchmarks.run: {e}; this call's results are in {out / 'results.unmerged.json'}", file=sys.stderr)
-            return 2
+        return benchmark(host, ckpt.name, args.preset, sections, **overrides)
+
+
+def _write_outputs(res: dict, args: argparse.Namespace, out: Path | None) -> None:
+    """The plot, the markdown printed and written (results.md, ``--markdown``) and results.json."""
     plot = Path(args.plot) if args.plot else (out / "time_per_image.png" if out else None)
     if plot and res.get("sampling"):
         plot_results(res, plot)
@@ -771,6 +827,29 @@ def main(argv=None) -> int:
         (out / "results.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     if args.markdown:
         write_markdown(Path(args.markdown), lines, args.preset)
+
+
+def main(argv=None) -> int:
+    ap = _parser()
+    args = ap.parse_args(argv)
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        ap.error(f"unknown sections {sorted(unknown)}")
+    overrides = _preset_overrides(ap, args)
+    previous = _previous_results(ap, args)
+    res = _run_in_host(args, sections, overrides)
+    res["meta"]["command"] = "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:])
+    out = Path(args.out) if args.out else None
+    if previous is not None:
+        try:
+            res = merge_results(previous, res)
+        except ValueError as e:  # keep this call's numbers, then say why they were not merged
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "results.unmerged.json").write_text(json.dumps(res, indent=2, default=str), encoding="utf-8")
+            print(f"benchmarks.run: {e}; this call's results are in {out / 'results.unmerged.json'}", file=sys.stderr)
+            return 2
+    _write_outputs(res, args, out)
     return 0
 
 

@@ -34,9 +34,10 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import emit, smooth_photo
+from comfyui_silo.tools.host_process import comfyui_path
+from comfyui_silo.tools.random_checkpoint import SD15_LATENT_FORMAT
 
 ROOT = Path(__file__).resolve().parents[1]
-SD15 = {"name": "SD15", "latent_channels": 4, "scale_factor": 0.18215, "shift_factor": 0.0, "downscale": 8}
 DEGRADATION = dict(type="gaussian_blur", blur_kernel_size=61, blur_sigma=3.0, sr_factor=4, box_top=0, box_left=0,
                    box_height=8, box_width=8, random_box_size=16, random_box_seed=0, jpeg_quality=10)
 
@@ -48,7 +49,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--repeats", type=int, default=2, help="runs per sampler; the first is a warm-up unless 1")
     p.add_argument("--cpu", action="store_true", help="run on the CPU even when CUDA is available")
-    p.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH") or os.path.expanduser("~/ComfyUI"))
+    p.add_argument("--comfyui", default=str(comfyui_path()))
     p.add_argument("--markdown", default=None, help="append the table to this markdown file")
     p.add_argument("--baselines", action="store_true",
                    help="also time Latent DPS, PSLD and ReSample (pixel-space, no operator) on the same measurement")
@@ -58,54 +59,64 @@ def main(argv=None) -> int:
     if args.repeats < 1 or args.steps < 1:
         p.error("--repeats and --steps must be at least 1")
 
-    from comfyui_silo.tools.cli import bootstrap_host
     from comfyui_silo.tools.host_harness import InProcessHost, ensure_checkpoint, make_base_directory
 
     os.environ["COMFYUI_PATH"] = args.comfyui
     ckpt = ensure_checkpoint(args.variant)
-    bootstrap_host(args.comfyui, cpu=args.cpu)
-    # InProcessHost always sets args.cpu (it is made for the CPU test tiers); ComfyUI reads that flag only when
-    # comfy.model_management is first imported, so importing it here first keeps the GPU when there is one.
-    import comfy.model_management as mm  # noqa: F401
-
     with tempfile.TemporaryDirectory(prefix="silo-bench-") as tmp:
         base = make_base_directory(Path(tmp), [ckpt])
-        host = InProcessHost(base)
+        host = InProcessHost(base, cpu=args.cpu)  # the GPU when there is one, unless --cpu
         return run(args, host, ckpt)
 
 
 def run(args, host, ckpt: Path) -> int:
     import comfy.utils
 
-    from comfyui_silo.operators.io import save_operator
-    from comfyui_silo.operators.network import LatentOperator
-
     comfy.utils.PROGRESS_BAR_ENABLED = False
     device = host.mm.get_torch_device()
     cuda = device.type == "cuda"
+    inputs = _inputs(host, ckpt, args.size)
+    common = dict(model=inputs["model"], seed=0, steps=args.steps, cfg=1.0, scheduler="normal",
+                  positive=inputs["positive"], negative=inputs["negative"], latent_image=inputs["latent"],
+                  denoise=1.0)
+    rows = [(label, *_time(host, node, {**common, **extra}, args.repeats, cuda))
+            for label, node, extra in _configs(inputs, args.baselines)]
+    emit(_table(args, rows, inputs["model"], device, cuda), args.markdown)
+    return 0
+
+
+def _inputs(host, ckpt: Path, size: int) -> dict:
+    """What every sampler gets: the checkpoint's MODEL and VAE, the prompts, an empty latent, the measurement of a
+    blurred smooth photo and an untrained operator (the identity at init) saved where the loader finds it."""
+    from comfyui_silo.operators.io import save_operator
+    from comfyui_silo.operators.network import LatentOperator
 
     model, clip, vae = host.run_node("CheckpointLoaderSimple", ckpt_name=ckpt.name)[:3]
     (positive,) = host.run_node("CLIPTextEncode", text="a high quality photo", clip=clip)
     (negative,) = host.run_node("CLIPTextEncode", text="", clip=clip)
-    (latent,) = host.run_node("EmptyLatentImage", width=args.size, height=args.size, batch_size=1)
+    (latent,) = host.run_node("EmptyLatentImage", width=size, height=size, batch_size=1)
     (deg,) = host.run_node("SILODegradation", **DEGRADATION)
-    measured, _upsampled = host.run_node("SILOApplyDegradation", image=smooth_photo(args.size), degradation=deg,
+    measured, _upsampled = host.run_node("SILOApplyDegradation", image=smooth_photo(size), degradation=deg,
                                          noise_sigma=0.01, seed=0)
     meas = host.run_node("SILOEncodeMeasurement", image=measured, vae=vae, degradation=deg, noise_sigma=0.01)[0]
     op_name = "bench_untrained.safetensors"
-    op_dir = base_operator_dir(host)
-    save_operator(op_dir / op_name, LatentOperator(), degradation=dict(deg.spec), latent_format=SD15)
+    save_operator(base_operator_dir(host) / op_name, LatentOperator(), degradation=dict(deg.spec),
+                  latent_format=dict(SD15_LATENT_FORMAT))
     (operator,) = host.run_node("SILOLatentOperatorLoader", operator_name=op_name)
+    return dict(model=model, vae=vae, positive=positive, negative=negative, latent=latent, measurement=meas,
+                operator=operator)
 
-    common = dict(model=model, seed=0, steps=args.steps, cfg=1.0, scheduler="normal", positive=positive,
-                  negative=negative, latent_image=latent, denoise=1.0)
-    silo = dict(measurement=meas, operator=operator, eta=0.5, update="ddpm", grad_clamp=1.0, early_stop=-1)
+
+def _configs(inputs: dict, baselines: bool) -> list[tuple[str, str, dict]]:
+    """``(table label, node, node inputs beyond the common ones)`` for every sampler timed."""
+    meas, vae = inputs["measurement"], inputs["vae"]
+    silo = dict(measurement=meas, operator=inputs["operator"], eta=0.5, update="ddpm", grad_clamp=1.0, early_stop=-1)
     configs = [
         ("KSampler (ddpm)", "KSampler", dict(sampler_name="ddpm")),
         ("SILO KSampler, gradient unet", "SILOKSampler", dict(silo, gradient="unet")),
         ("SILO KSampler, gradient x0", "SILOKSampler", dict(silo, gradient="x0")),
     ]
-    if args.baselines:  # issue 5: the pixel-space solvers on the same measurement, checkpoint and steps
+    if baselines:  # issue 5: the pixel-space solvers on the same measurement, checkpoint and steps
         dps = dict(measurement=meas, vae=vae, eta=1.0, gluing=0.0, gluing_norm="squared", update="ddpm",
                    gradient="unet", grad_clamp=0.0, early_stop=-1)
         configs += [
@@ -115,30 +126,34 @@ def run(args, host, ckpt: Path) -> int:
              dict(measurement=meas, vae=vae, consistency_every=10, latent_steps=500, lr=5e-3, optimization="auto",
                   pixel_steps=2000, tolerance=1e-3, gamma=40.0, variance="paper", dps_eta=0.0, early_stop=-1)),
         ]
+    return configs
 
+
+def _time(host, node: str, inputs: dict, repeats: int, cuda: bool) -> tuple[float, float, list | None]:
+    """``(mean seconds, peak VRAM GiB, trace)`` of ``repeats`` runs of ``node``; the first is a warm-up, left out,
+    unless there is only one. The trace (a guided sampler's second output) is the last run's."""
     def sync():
         if cuda:
             torch.cuda.synchronize()
 
-    rows = []
-    for label, node, extra in configs:
-        times, peaks, trace = [], [], None
-        for _ in range(args.repeats):
-            sync()
-            if cuda:
-                torch.cuda.reset_peak_memory_stats()
-            t0 = time.perf_counter()
-            out = host.run_node(node, **common, **extra)
-            sync()
-            times.append(time.perf_counter() - t0)
-            peaks.append(torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"))
-            if node != "KSampler":
-                trace = out[1]
-        keep = slice(1, None) if args.repeats > 1 else slice(None)
-        sec = sum(times[keep]) / len(times[keep])
-        peak = max(peaks[keep])
-        rows.append((label, sec, peak, trace))
+    times, peaks, trace = [], [], None
+    for _ in range(repeats):
+        sync()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        out = host.run_node(node, **inputs)
+        sync()
+        times.append(time.perf_counter() - t0)
+        peaks.append(torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"))
+        if node != "KSampler":
+            trace = out[1]
+    keep = slice(1, None) if repeats > 1 else slice(None)
+    return sum(times[keep]) / len(times[keep]), max(peaks[keep]), trace
 
+
+def _table(args, rows: list, model, device, cuda: bool) -> list[str]:
+    """The markdown table: one row per sampler, its cost next to plain KSampler's (the first row)."""
     plain = rows[0][1]
     name = torch.cuda.get_device_name(device) if cuda else platform.processor() or "CPU"
     unet_dtype = model.model_dtype()
@@ -164,8 +179,7 @@ def run(args, host, ckpt: Path) -> int:
         loss = "—" if trace is None else (
             f"{trace[0]['loss'][0]:.4f} → {trace[-1]['loss'][0]:.4f}" if trace else "no guided steps")
         lines.append(f"| {label} | {sec:.3f} | {sec / args.steps:.4f} | {sec / plain:.2f} | {vram} | {loss} |")
-    emit(lines, args.markdown)
-    return 0
+    return lines
 
 
 def base_operator_dir(host) -> Path:

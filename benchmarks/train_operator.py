@@ -30,7 +30,7 @@ from benchmarks.common import emit
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def main(argv=None) -> int:
+def _parse_args(argv) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--variant", choices=["small", "full"], default="full")
     p.add_argument("--crop-size", type=int, default=512)
@@ -40,9 +40,12 @@ def main(argv=None) -> int:
     p.add_argument("--degradation", default="gaussian_blur")
     p.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH") or os.path.expanduser("~/ComfyUI"))
     p.add_argument("--markdown", default=None, help="append the table to this markdown file")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
 
-    from comfyui_silo.tools.cli import bootstrap_host, parse_degradation
+
+def _load_encoder(args: argparse.Namespace):
+    """Start the host, load the random-weight checkpoint: the VAE encoder and the torch device."""
+    from comfyui_silo.tools.cli import bootstrap_host
     from comfyui_silo.tools.host_harness import ensure_checkpoint
 
     os.environ["COMFYUI_PATH"] = args.comfyui
@@ -51,13 +54,19 @@ def main(argv=None) -> int:
     import comfy.model_management as mm
     import comfy.sd
 
-    from benchmarks.common import photos
     from comfyui_silo.nodes.host import make_encoder
-    from comfyui_silo.operators.training import train_operator
 
     model, _clip, vae = comfy.sd.load_checkpoint_guess_config(str(ckpt), output_vae=True, output_clip=False)[:3]
-    device = mm.get_torch_device()
-    encode = make_encoder(vae, model)
+    return make_encoder(vae, model), mm.get_torch_device()
+
+
+def _timed_training(encode, args: argparse.Namespace, device: torch.device):
+    """Train on the bundled photos (upscaled to the crop size) with a fresh pair every step; returns the result,
+    the steady-state steps per second, the total seconds and the peak GiB (NaN off CUDA)."""
+    from benchmarks.common import photos
+    from comfyui_silo.operators.training import train_operator
+    from comfyui_silo.tools.cli import parse_degradation
+
     spec = parse_degradation(args.degradation)
     imgs = [torch.nn.functional.interpolate(im[None], scale_factor=max(1.0, args.crop_size / min(im.shape[-2:])),
                                             mode="bicubic").clamp(0, 1)[0] for im in photos()]
@@ -81,6 +90,12 @@ def main(argv=None) -> int:
     steady = times[len(times) // 5:]
     sps = (len(steady) - 1) / (steady[-1] - steady[0]) if len(steady) > 2 else args.steps / total
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+    return res, sps, total, peak
+
+
+def _report_lines(args: argparse.Namespace, curve: list[dict], sps: float, total: float, peak: float,
+                  cuda: bool) -> list[str]:
+    """The markdown: the setting, the cost table and the held-out curve."""
     name = torch.cuda.get_device_name() if cuda else platform.processor() or "CPU"
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout
     lines = [
@@ -97,10 +112,16 @@ def main(argv=None) -> int:
         "|---|---|---|---|---|",
     ]
     lines += [f"| {c['step']} | {c['train_loss']:.4f} | {c['heldout_l1']:.4f} | {c['identity_l1']:.4f} | "
-              f"{c['naive_l1']:.4f} |" for c in res.report["curve"]]
-    emit(lines, args.markdown)
-    return 0
+              f"{c['naive_l1']:.4f} |" for c in curve]
+    return lines
 
+
+def main(argv=None) -> int:
+    args = _parse_args(argv)
+    encode, device = _load_encoder(args)
+    res, sps, total, peak = _timed_training(encode, args, device)
+    emit(_report_lines(args, res.report["curve"], sps, total, peak, device.type == "cuda"), args.markdown)
+    return 0
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -53,8 +53,6 @@ class SettingSpec:
     none_as: Any = None  # widget / CLI value that stands for None ("off"), e.g. -1 or 0
     allow_inf: bool = False
     widget: bool = True  # shown as a node input
-    cli: bool = True  # offered as a command-line option
-    label: str | None = None
 
     @property
     def widget_default(self) -> Any:
@@ -62,7 +60,10 @@ class SettingSpec:
         return self.none_as if self.default is None else self.default
 
     def check(self, value: Any, owner: str) -> Any:
-        """``value`` coerced to this setting's kind, or :class:`SettingError` naming the field and the range."""
+        """``value`` coerced to this setting's kind, or :class:`SettingError` naming the field and the range. The
+        ``none_as`` value ("off") is stored as None, however the settings are built (the one place this is done)."""
+        if value is not None and self.none_as is not None and not isinstance(value, bool) and value == self.none_as:
+            value = None
         if value is None:
             if self.none_as is not None or self.default is None:
                 return None
@@ -97,7 +98,7 @@ class SettingSpec:
 
 def setting(default: Any, *, tooltip: str, min: float | None = None, max: float | None = None,  # noqa: A002
             step: float | None = None, choices: Iterable | None = None, none_as: Any = None, kind: str | None = None,
-            allow_inf: bool = False, widget: bool = True, cli: bool = True, label: str | None = None) -> Any:
+            allow_inf: bool = False, widget: bool = True) -> Any:
     """A dataclass field declared with everything the widgets, the CLI and validation need (see the module doc)."""
     choices = tuple(choices) if choices is not None else None
     if kind is None:
@@ -117,7 +118,7 @@ def setting(default: Any, *, tooltip: str, min: float | None = None, max: float 
     if kind not in _KINDS:
         raise TypeError(f"setting(): kind must be one of {_KINDS}, got {kind!r}")
     spec = dict(default=default, kind=kind, tooltip=tooltip, min=min, max=max, step=step, choices=choices,
-                none_as=none_as, allow_inf=allow_inf, widget=widget, cli=cli, label=label)
+                none_as=none_as, allow_inf=allow_inf, widget=widget)
     return dataclasses.field(default=default, metadata={"setting": spec})
 
 
@@ -150,18 +151,17 @@ class Settings:
 
     @classmethod
     def from_values(cls, values: Mapping[str, Any] | None = None, **more: Any):
-        """Build from widget or CLI values: a field's ``none_as`` value becomes None; unknown names are an error."""
+        """Build from widget or CLI values: a field's ``none_as`` value becomes None; unknown names are an error;
+        a field not given takes its declared default (the one the widget and the CLI show)."""
         values = {**(values or {}), **more}
         specs = {s.name: s for s in cls.specs()}
         unknown = sorted(set(values) - set(specs))
         if unknown:
             raise SettingError(unknown[0], f"{cls.OWNER} has no setting {unknown[0]!r}; known: {', '.join(specs)}")
-        kwargs = {}
+        kwargs = {name: spec.default for name, spec in specs.items()}
         for name, value in values.items():
             spec = specs[name]
-            if spec.none_as is not None and value is not None and not isinstance(value, bool) and value == spec.none_as:
-                value = None
-            elif spec.none_as is not None and spec.kind in ("int", "float") and value is not None \
+            if spec.none_as is not None and spec.kind in ("int", "float") and value is not None \
                     and not isinstance(value, bool) and spec.min is not None and value < spec.min:
                 value = None  # any value below the range means "off" as well (e.g. early_stop -5)
             kwargs[name] = value
@@ -178,27 +178,21 @@ class Settings:
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def from_cli(cls, namespace: argparse.Namespace, prefix: str = ""):
+    def from_cli(cls, namespace: argparse.Namespace):
         """Build from :func:`add_cli_arguments`' options (only the ones the user gave; the rest keep defaults)."""
         values = {}
         for spec in cls.specs():
-            if not spec.cli:
-                continue
-            value = getattr(namespace, prefix + spec.name, None)
+            value = getattr(namespace, spec.name, None)
             if value is not None:
                 values[spec.name] = value
         return cls.from_values(values)
 
 
-def add_cli_arguments(parser: argparse.ArgumentParser, cls: type[Settings], prefix: str = "",
-                      skip: Iterable[str] = ()) -> None:
+def add_cli_arguments(parser: argparse.ArgumentParser, cls: type[Settings]) -> None:
     """One ``--name`` option per declared setting (``_`` written ``-``), with its tooltip, range and default."""
-    skip = set(skip)
     for spec in cls.specs():
-        if not spec.cli or spec.name in skip:
-            continue
-        flag = "--" + (prefix + spec.name).replace("_", "-")
-        dest = prefix + spec.name
+        flag = "--" + spec.name.replace("_", "-")
+        dest = spec.name
         default_text = spec.widget_default
         rng = ""
         if spec.min is not None or spec.max is not None:

@@ -4,33 +4,22 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
-from .baselines import LatentDPSKSampler, LatentDPSSampler, ReSampleKSampler, ReSampleSampler
 from .degradation import ApplyDegradation, DegradationNode
 from .measurement import EncodeMeasurement
 from .metrics import PixelUncertainty, RestorationMetrics, RestoreSeeds
 from .operator_nodes import LatentOperatorLoader, TrainLatentOperator
 from .plots import TracePlot
-from .silo import SiloKSampler, SiloSampler
+from .solvers import SOLVERS
 
-NODES: list[type[io.ComfyNode]] = [
-    DegradationNode,
-    ApplyDegradation,
-    LatentOperatorLoader,
-    TrainLatentOperator,
-    EncodeMeasurement,
-    SiloKSampler,
-    SiloSampler,
-    LatentDPSKSampler,
-    ReSampleKSampler,
-    LatentDPSSampler,
-    ReSampleSampler,
-    RestorationMetrics,
-    PixelUncertainty,
-    RestoreSeeds,
-    TracePlot,
-]
+
+def node_list() -> list[type[io.ComfyNode]]:
+    """Every node of the pack: the fixed ones around the solver nodes of every registration
+    (:func:`.solvers.register`)."""
+    return [DegradationNode, ApplyDegradation, LatentOperatorLoader, TrainLatentOperator, EncodeMeasurement,
+            *(node for pair in SOLVERS.values() for node in pair),
+            RestorationMetrics, PixelUncertainty, RestoreSeeds, TracePlot]
 
 
 class SiloExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return list(NODES)
+        return node_list()

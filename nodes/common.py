@@ -7,6 +7,7 @@ never ``comfy.*`` (that is ``host.py``'s job).
 from __future__ import annotations
 
 import functools
+from typing import ClassVar
 
 import torch
 from comfy_api.latest import io
@@ -28,6 +29,33 @@ class SiloInputError(ValueError):
         if fix:
             msg += f" {fix}"
         super().__init__(msg)
+
+
+class SiloNode(io.ComfyNode):
+    """Base of the pack's nodes: the schema is made from what the class declares, so each node states only what is
+    its own. ``NODE_ID`` and ``TITLE`` (the display name), the class docstring (the description shown in the node
+    library), ``inputs()`` and ``outputs()``; ``SHOWS_TEXT`` marks the nodes whose text result the web extension
+    shows in a box (they are output nodes: the host re-sends a cached output node's result), ``SHOWS_IMAGE`` other
+    output nodes. (``OUTPUT_NODE`` is the host's own class property, read by its executor: never assign it.)"""
+
+    NODE_ID: ClassVar[str] = ""
+    TITLE: ClassVar[str] = ""
+    SHOWS_TEXT: ClassVar[bool] = False
+    SHOWS_IMAGE: ClassVar[bool] = False
+
+    @classmethod
+    def inputs(cls) -> list:
+        return []
+
+    @classmethod
+    def outputs(cls) -> list:
+        return []
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(node_id=cls.NODE_ID, display_name=cls.TITLE, category=CATEGORY,
+                         description=" ".join((cls.__doc__ or "").split()), inputs=cls.inputs(),
+                         outputs=cls.outputs(), is_output_node=cls.SHOWS_TEXT or cls.SHOWS_IMAGE)
 
 
 @functools.cache
@@ -78,14 +106,3 @@ def image_to_bchw(image: torch.Tensor, node: str, input_name: str = "image") -> 
 def bchw_to_image(x: torch.Tensor) -> torch.Tensor:
     """[B,3,H,W] -> ComfyUI IMAGE [B,H,W,3] float32 clamped to [0,1], on the CPU (as the host's nodes return)."""
     return x.detach().clamp(0, 1).movedim(1, -1).float().cpu().contiguous()
-
-
-def mask_to_b1hw(mask: torch.Tensor | None) -> torch.Tensor | None:
-    """ComfyUI MASK [H,W] or [B,H,W] (1 = missing) -> [B,1,H,W] float32."""
-    if mask is None:
-        return None
-    if mask.ndim == 2:
-        mask = mask[None]
-    if mask.ndim == 3:
-        mask = mask[:, None]
-    return mask.float()

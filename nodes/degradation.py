@@ -11,19 +11,10 @@ import dataclasses
 
 from comfy_api.latest import io
 
-from ..operators.degradations import DEFAULT_MEASUREMENT_NOISE, DEGRADATIONS, SpecFieldError, build_degradation
-from ..operators.physics import Measurement
-from .common import (
-    CATEGORY,
-    Degradation,
-    SiloInputError,
-    bchw_to_image,
-    display_name,
-    image_to_bchw,
-    mask_to_b1hw,
-    require_finite,
-)
-from .widgets import widget_input
+from ..operators.degradations import DEGRADATIONS, SpecFieldError, build_degradation, mask_b1hw
+from ..operators.physics import Measurement, NoiseSettings
+from .common import Degradation, SiloInputError, SiloNode, bchw_to_image, display_name, image_to_bchw, require_finite
+from .widgets import widget_input, widget_inputs
 
 DEGRADATION_TYPES = [cls.type_name for cls in DEGRADATIONS]
 _CLASS_OF = {cls.type_name: cls for cls in DEGRADATIONS}
@@ -55,32 +46,29 @@ def _owned_by(kind: str, widget: io.Input) -> io.Input:
     return widget
 
 
-class DegradationNode(io.ComfyNode):
+class DegradationNode(SiloNode):
+    """Describes how a photo was degraded (blur, low resolution, missing region, JPEG). Connect it to Encode
+    Measurement and Apply Degradation; a latent operator must be trained for the same degradation. Only the widgets
+    of the chosen type are shown and used."""
+
+    NODE_ID, TITLE = "SILODegradation", "Degradation (SILO)"
+
     @classmethod
-    def define_schema(cls) -> io.Schema:
+    def inputs(cls) -> list:
         # `silo_degradation_type` lets the web extension (web/js/silo_degradation.js) show only the chosen type's
         # widgets; the host passes unknown input options through to the frontend untouched.
         fields = [_owned_by(kind, widget_input(dataclasses.replace(spec, name=name), tooltip=f"{kind}: {spec.tooltip}"))
                   for kind, name, spec in degradation_widgets()]
-        return io.Schema(
-            node_id="SILODegradation",
-            display_name="Degradation (SILO)",
-            category=CATEGORY,
-            description=(
-                "Describes how a photo was degraded (blur, low resolution, missing region, JPEG). Connect it to "
-                "Encode Measurement and Apply Degradation; a latent operator must be trained for the same degradation. "
-                "Only the widgets of the chosen type are shown and used."),
-            inputs=[
-                io.Combo.Input("type", options=DEGRADATION_TYPES, default="gaussian_blur",
-                               tooltip="The kind of degradation. The papers' settings are the defaults of each widget."),
+        return [io.Combo.Input("type", options=DEGRADATION_TYPES, default="gaussian_blur",
+                                       tooltip="The kind of degradation. The papers' settings are the defaults of each widget."),
                 *fields,
-                io.Mask.Input("mask", optional=True,
-                              tooltip="mask_inpaint: the missing region (white = missing), e.g. drawn in the "
-                                      "mask editor of Load Image."),
-            ],
-            outputs=[Degradation.Output("DEGRADATION", display_name="DEGRADATION", tooltip="The degradation, for Encode Measurement, "
-                                                                 "Apply Degradation and Train Latent Operator.")],
-        )
+                io.Mask.Input("mask", optional=True, tooltip="mask_inpaint: the missing region (white = missing), e.g. "
+                                                                     "drawn in the mask editor of Load Image.")]
+
+    @classmethod
+    def outputs(cls) -> list:
+        return [Degradation.Output("DEGRADATION", display_name="DEGRADATION", tooltip="The degradation, for Encode "
+                                           "Measurement, Apply Degradation and Train Latent Operator.")]
 
     @classmethod
     def execute(cls, type, mask=None, **widgets) -> io.NodeOutput:
@@ -91,7 +79,7 @@ class DegradationNode(io.ComfyNode):
             raise SiloInputError(node, "mask", f"type '{type}' needs a mask (white = missing).",
                                  "Connect the MASK output of Load Image (draw it in the mask editor) or of a mask node.")
         try:
-            deg = build_degradation(spec, mask=mask_to_b1hw(mask) if needs_mask else None)
+            deg = build_degradation(spec, mask=mask_b1hw(mask).float() if needs_mask else None)
         except SpecFieldError as e:
             raise SiloInputError(node, widget_of_field(type, e.field), f"{e}.") from None
         except ValueError as e:  # the mask (the only other input build_degradation checks)
@@ -99,30 +87,29 @@ class DegradationNode(io.ComfyNode):
         return io.NodeOutput(deg)
 
 
-class ApplyDegradation(io.ComfyNode):
+class ApplyDegradation(SiloNode):
+    """Degrades a clean image with a DEGRADATION and adds Gaussian noise: makes a test measurement whose original is
+    known, to compare restorations against it."""
+
+    NODE_ID, TITLE = "SILOApplyDegradation", "Apply Degradation (SILO)"
+
     @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="SILOApplyDegradation",
-            display_name="Apply Degradation (SILO)",
-            category=CATEGORY,
-            description=("Degrades a clean image with a DEGRADATION and adds Gaussian noise: makes a test measurement "
-                         "whose original is known, to compare restorations against it."),
-            inputs=[
-                io.Image.Input("image", tooltip="The clean image(s) to degrade."),
-                Degradation.Input("degradation", tooltip="From the Degradation (SILO) node."),
-                io.Float.Input("noise_sigma", default=DEFAULT_MEASUREMENT_NOISE, min=0.0, max=1.0, step=0.001,
-                               tooltip="Std of the added Gaussian noise on the 0-1 image scale (paper: 0.01)."),
+    def inputs(cls) -> list:
+        noise = widget_inputs(NoiseSettings, noise_sigma={
+            "tooltip": "Std of the added Gaussian noise on the 0-1 image scale (paper: 0.01)."})
+        return [io.Image.Input("image", tooltip="The clean image(s) to degrade."),
+                Degradation.Input("degradation", tooltip="From the Degradation (SILO) node."), *noise,
                 io.Int.Input("seed", default=0, min=0, max=2**63 - 1, control_after_generate=True,
-                             tooltip="Seed of the measurement noise."),
-            ],
-            outputs=[
-                io.Image.Output("measurement", display_name="measurement", tooltip="The degraded image in its natural size (small for "
-                                                        "super-resolution), noise added, clamped to 0-1."),
-                io.Image.Output("upsampled", display_name="upsampled", tooltip="The measurement brought to the original size (bicubic for "
-                                                      "super-resolution, unchanged otherwise) for side-by-side views."),
-            ],
-        )
+                             tooltip="Seed of the measurement noise.")]
+
+    @classmethod
+    def outputs(cls) -> list:
+        return [io.Image.Output("measurement", display_name="measurement",
+                                tooltip="The degraded image in its natural size (small for super-resolution), noise "
+                                        "added, clamped to 0-1."),
+                io.Image.Output("upsampled", display_name="upsampled",
+                                tooltip="The measurement brought to the original size (bicubic for super-resolution, "
+                                        "unchanged otherwise) for side-by-side views.")]
 
     @classmethod
     def execute(cls, image, degradation, noise_sigma, seed) -> io.NodeOutput:

@@ -42,9 +42,8 @@ import types
 
 import torch
 
+from ..samplers.parameterization import Parameterization, get_parameterization
 from .common import SiloInputError
-
-PARAMETERIZATIONS = ("vp", "flow")
 
 _VP_PREDICTIONS = ("EPS", "V_PREDICTION")
 _VP_SCHEDULES = ("ModelSamplingDiscrete",)
@@ -125,8 +124,9 @@ def describe_model(model) -> dict:
     }
 
 
-def parameterization(model, node: str = "SILO KSampler", input_name: str = "model") -> str:
-    """The core's ``parameterization`` for a ComfyUI MODEL: ``"vp"`` or ``"flow"``.
+def parameterization(model, node: str = "SILO KSampler", input_name: str = "model") -> Parameterization:
+    """The core's :class:`~comfyui_silo.samplers.parameterization.Parameterization` of a ComfyUI MODEL (VP or flow),
+    read from its ``model_sampling``.
 
     Raises :class:`SiloInputError` (node, input, problem, fix) for every other kind of model, naming it.
     """
@@ -142,9 +142,9 @@ def parameterization(model, node: str = "SILO KSampler", input_name: str = "mode
             "2-D, so they do not support it.",
             f"Load an image checkpoint: {SUPPORTED_TEXT}.")
     if _is_host_class(pred, _VP_PREDICTIONS) and _is_host_class(sched, _VP_SCHEDULES):
-        return "vp"
+        return get_parameterization("vp")
     if _is_host_class(pred, _FLOW_PREDICTIONS) and _is_host_class(sched, _FLOW_SCHEDULES):
-        return "flow"
+        return get_parameterization("flow")
     loaded = d["loaded_model_type"]
     changed = loaded is not None and d["model_type"] != loaded and loaded in ("EPS", "V_PREDICTION", "FLOW", "FLUX")
     fix = ("The checkpoint itself is supported: remove the model-sampling node (ModelSamplingContinuousEDM, "

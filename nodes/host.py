@@ -13,7 +13,7 @@ What lives here, and nothing else does it elsewhere:
   :func:`progress_reporter` (Cancel and the node's progress bar during long inner work), :func:`interrupt_check`;
 * :func:`ksampler_inputs`, KSampler's own inputs (they read the host's scheduler list).
 
-Imports run one way: ``common`` ← ``host`` ← ``measurement`` ← ``silo`` / ``baselines``.
+Imports run one way: ``common`` ← ``families`` ← ``host`` ← ``measurement`` ← ``solvers``.
 
 Model-scoped gradients (issue 12, item 5). Guidance back-propagates through the user's UNet (and, for the pixel
 baselines, the VAE decoder). The host loads their weights under ``torch.inference_mode()``, and autograd refuses to
@@ -41,7 +41,7 @@ import torch
 
 from ..samplers.core import NonFiniteStateError
 from .common import SiloInputError
-from .families import gradient_transformer_options, latent_format_facts, parameterization, vae_downscale
+from .families import gradient_transformer_options, latent_format_facts, vae_downscale
 
 __all__ = [
     "NonFiniteSampleError",
@@ -64,7 +64,6 @@ __all__ = [
     "sdpa_attention_override",
     "sdpa_extra_args",
     "vae_downscale",
-    "with_model_parameterization",
 ]
 
 
@@ -74,14 +73,6 @@ def latent_format_info(model=None, vae=None) -> dict:
     """The latent space a model samples in, as the JSON dict stored in operator files (with the family it belongs
     to): :func:`.families.latent_format_facts`, the one definition."""
     return latent_format_facts(model, vae)
-
-
-def with_model_parameterization(settings, model, node: str):
-    """``settings`` with the noise parameterization the MODEL samples with (``"vp"`` / ``"flow"``, read from its
-    ``model_sampling``); any other kind of model is refused naming it (:func:`.families.parameterization`)."""
-    import dataclasses
-
-    return dataclasses.replace(settings, parameterization=parameterization(model, node))
 
 
 def process_in(model, latent: torch.Tensor) -> torch.Tensor:

@@ -5,63 +5,70 @@ Imports run one way: ``common`` ← ``host`` ← ``measurement`` ← ``silo`` / 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from comfy_api.latest import io
 
-from .common import CATEGORY, Degradation, Measurement, SiloInputError, display_name, image_to_bchw, require_finite
+from ..operators.physics import Measurement, MeasurementError, NoiseSettings
+from .common import Degradation, SiloInputError, SiloNode, display_name, image_to_bchw, require_finite
+from .common import Measurement as MeasurementSocket
 from .host import vae_downscale
+from .widgets import widget_inputs
 
-__all__ = ["EncodeMeasurement", "EncodedMeasurement", "check_early_stop", "check_latent_fits",
-           "check_latent_image_finite"]
-
-
-@dataclass
-class EncodedMeasurement:
-    """What Encode Measurement hands to the solvers."""
-
-    latent: torch.Tensor  # raw VAE latent of the (lifted) measurement, before the model's process_in
-    pixels: torch.Tensor  # the measurement y in its natural size, [B,3,h,w] in [0,1]
-    lifted: torch.Tensor  # y brought to full size, what was encoded
-    degradation: object  # the Degradation module
-    noise_sigma: float
-    pixel_mask: torch.Tensor | None  # [B,1,H,W], 1 = missing (inpainting types)
-    downscale: int = 8  # pixels per latent cell, read from the VAE that encoded it
+__all__ = ["EncodeMeasurement", "check_early_stop", "check_latent_fits", "check_latent_image_finite",
+           "measurement_of"]
 
 
-_MASK_ADVICE = {
+#: Encode Measurement's advice, naming this pack's and the host's nodes, for what the core's checks found.
+_ADVICE = {
     "box_inpaint": "Make the box fit inside the photo (Degradation node's box_top/box_left/box_height/box_width).",
     "random_box_inpaint": "Use a random_box_size that fits inside the photo (Degradation node).",
     "mask_inpaint": "Draw the mask on this photo (Load Image's mask editor), or resize the mask to the photo.",
+    ("size", True): "Crop or pad the photo to a multiple of {m} pixels (e.g. with an ImageCrop or Pad Image for "
+                    "Outpainting node before Encode Measurement).",
+    ("size", False): "Resize or crop the photo so that its size times the factor is a multiple of {m} (e.g. with an "
+                     "Upscale Image or ImageCrop node before Encode Measurement).",
 }
 
 
-class EncodeMeasurement(io.ComfyNode):
+def measurement_of(node: str, photo: torch.Tensor, degradation, noise_sigma: float, downscale: int) -> Measurement:
+    """:meth:`Measurement.from_photo` with its problems as the node's input errors and the node's advice."""
+    try:
+        return Measurement.from_photo(photo, degradation, noise_sigma, multiple=downscale)
+    except MeasurementError as e:
+        if e.reason == "size":
+            fix = _ADVICE[("size", bool(degradation.same_size))].format(m=downscale)
+        elif e.reason == "mask":
+            fix = _ADVICE.get(degradation.spec.get("type", ""), e.fix)
+        else:
+            fix = e.fix
+        raise SiloInputError(node, e.field, e.problem, fix) from None
+
+
+class EncodeMeasurement(SiloNode):
+    """Encodes the degraded photo once with the checkpoint's VAE (low-resolution photos are first upscaled
+    bicubically to the output size). The result guides SILO KSampler towards restorations that are consistent
+    with the photo."""
+
+    NODE_ID, TITLE = "SILOEncodeMeasurement", "Encode Measurement"
+
     @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="SILOEncodeMeasurement",
-            display_name="Encode Measurement",
-            category=CATEGORY,
-            description=("Encodes the degraded photo once with the checkpoint's VAE (low-resolution photos are first "
-                         "upscaled bicubically to the output size). The result guides SILO KSampler towards "
-                         "restorations that are consistent with the photo."),
-            inputs=[
-                io.Image.Input("image", tooltip="The degraded photo (for super-resolution: the small photo)."),
+    def inputs(cls) -> list:
+        noise = widget_inputs(NoiseSettings, noise_sigma={
+            "tooltip": "Estimated noise std of the photo on the 0-1 scale (paper: 0.01); the operator is conditioned "
+                       "on it."})
+        return [io.Image.Input("image", tooltip="The degraded photo (for super-resolution: the small photo)."),
                 io.Vae.Input("vae", tooltip="The VAE of the checkpoint you restore with."),
                 Degradation.Input("degradation", tooltip="How the photo was degraded (Degradation (SILO) node)."),
-                io.Float.Input("noise_sigma", default=0.01, min=0.0, max=0.5, step=0.001,
-                               tooltip="Estimated noise std of the photo on the 0-1 scale (paper: 0.01); the operator "
-                                       "is conditioned on it."),
-            ],
-            outputs=[Measurement.Output("MEASUREMENT", display_name="MEASUREMENT",
-                                        tooltip="The encoded measurement, for the SILO samplers."),
-                     io.Latent.Output("latent_image", display_name="latent_image",
-                                      tooltip="The encoded (for super-resolution: upscaled) photo as a "
-                                      "LATENT of the output size: SILO KSampler's latent_image (at denoise 1 only "
-                                      "its size matters; lower denoise starts from the photo).")],
-        )
+                *noise]
+
+    @classmethod
+    def outputs(cls) -> list:
+        return [MeasurementSocket.Output("MEASUREMENT", display_name="MEASUREMENT",
+                                         tooltip="The encoded measurement, for the SILO samplers."),
+                io.Latent.Output("latent_image", display_name="latent_image",
+                                 tooltip="The encoded (for super-resolution: upscaled) photo as a LATENT of the output "
+                                         "size: SILO KSampler's latent_image (at denoise 1 only its size matters; lower "
+                                         "denoise starts from the photo).")]
 
     @classmethod
     def execute(cls, image, vae, degradation, noise_sigma) -> io.NodeOutput:
@@ -69,53 +76,11 @@ class EncodeMeasurement(io.ComfyNode):
         y = require_finite(image_to_bchw(image, node), node, "image", "the photo",
                            "Load the photo again, or check the node that produced it.")
         downscale = vae_downscale(vae)
-        size = cls._restored_size(node, degradation, y, downscale)
-        mask = cls._mask(node, degradation, y)
-        lifted = degradation.lift(y, size=size)
-        if mask is not None:
-            # only the pixels outside the mask are measured, y = A(x) = x·(1−m): what the photo still shows under
-            # the mask (a photo with its holes painted in the mask editor) is not part of the measurement
-            keep = 1.0 - mask.to(device=y.device, dtype=y.dtype)
-            y, lifted = y * keep, lifted * keep
-        latent = vae.encode(lifted.movedim(1, -1))
+        meas = measurement_of(node, y, degradation, float(noise_sigma), downscale)
+        latent = vae.encode(meas.lifted.movedim(1, -1))
         require_finite(latent, node, "vae", "the VAE's latent of the photo",
                        "The VAE overflowed: run it in fp32 (--fp32-vae) or use another VAE.")
-        meas = EncodedMeasurement(latent=latent, pixels=y, lifted=lifted, degradation=degradation,
-                                  noise_sigma=float(noise_sigma), pixel_mask=mask, downscale=downscale)
-        return io.NodeOutput(meas, {"samples": latent})
-
-    @staticmethod
-    def _restored_size(node: str, degradation, y: torch.Tensor, downscale: int = 8) -> tuple[int, int]:
-        """The output size: the photo's, or (super-resolution) the photo's times the factor; a multiple of the VAE's
-        downscale factor (8 for the SD/SDXL/SD3/Flux VAEs)."""
-        h, w = y.shape[-2:]
-        factor = 1 if degradation.same_size else int(degradation.spec["factor"])
-        h, w = h * factor, w * factor
-        if h % downscale or w % downscale:
-            fix = (f"Resize or crop the photo so that its size times the factor is a multiple of {downscale} "
-                   f"(e.g. with an Upscale Image or ImageCrop node before Encode Measurement)." if factor > 1 else
-                   f"Crop or pad the photo to a multiple of {downscale} pixels (e.g. with an ImageCrop or Pad "
-                   "Image for Outpainting node before Encode Measurement).")
-            raise SiloInputError(node, "image", f"the restored size {w}x{h} is not a multiple of {downscale} (the "
-                                 "VAE's downscale factor).", fix)
-        return h, w
-
-    @staticmethod
-    def _mask(node: str, degradation, y: torch.Tensor) -> torch.Tensor | None:
-        """The pixel mask of an inpainting degradation for this photo (None for the others), with errors that give
-        the advice of the degradation's own kind (a box is moved, a mask is redrawn)."""
-        kind = degradation.spec.get("type", "")
-        drawn = getattr(degradation, "mask", None)
-        b = y.shape[0]
-        if isinstance(drawn, torch.Tensor) and drawn.ndim >= 3 and drawn.shape[0] not in (1, b):
-            images = "a single photo" if b == 1 else f"a batch of {b} photos"
-            fix = "Use one mask." if b == 1 else f"Use one mask, or one per photo ({b})."
-            raise SiloInputError(node, "degradation", f"the mask has a batch of {drawn.shape[0]} but the image is "
-                                 f"{images}.", fix)
-        try:
-            return degradation.pixel_mask((b, 3, *y.shape[-2:]))
-        except ValueError as e:
-            raise SiloInputError(node, "degradation", f"{e}.", _MASK_ADVICE.get(kind, "")) from None
+        return io.NodeOutput(meas.encoded(latent, downscale), {"samples": latent})
 
 
 # ------------------------------------------------------------------------------- checks shared by the solvers

@@ -8,9 +8,9 @@ from comfy_api.latest import io, ui
 
 from ..operators.metrics import measurement_consistency, pixel_uncertainty, psnr, ssim
 from .common import (
-    CATEGORY,
     Measurement,
     SiloInputError,
+    SiloNode,
     bchw_to_image,
     display_name,
     image_to_bchw,
@@ -23,34 +23,29 @@ def _fmt(v: float, unit: str = "") -> str:
     return "inf" if math.isinf(v) else f"{v:.4f}{unit}"
 
 
-class RestorationMetrics(io.ComfyNode):
+class RestorationMetrics(SiloNode):
+    """Scores a restoration: PSNR and SSIM against a reference (the clean original, when you have it) and
+    measurement consistency ‖A(x̂) − y‖ against the degraded photo, next to its noise floor."""
+
+    NODE_ID, TITLE, SHOWS_TEXT = "SILORestorationMetrics", "Restoration Metrics", True
+
     @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="SILORestorationMetrics",
-            display_name="Restoration Metrics",
-            category=CATEGORY,
-            description=("Scores a restoration: PSNR and SSIM against a reference (the clean original, when you "
-                         "have it) and measurement consistency ‖A(x̂) − y‖ against the degraded photo, next to its "
-                         "noise floor."),
-            is_output_node=True,
-            inputs=[
-                io.Image.Input("image", tooltip="The restored image(s)."),
+    def inputs(cls) -> list:
+        return [io.Image.Input("image", tooltip="The restored image(s)."),
                 io.Image.Input("reference", optional=True, tooltip="The clean original (e.g. the photo fed to Apply "
                                                                    "Degradation), same size as the restoration."),
                 Measurement.Input("measurement", optional=True,
                                   tooltip="From Encode Measurement: checks how well the restoration explains the "
-                                          "degraded photo."),
-            ],
-            outputs=[
-                io.Float.Output("psnr", display_name="psnr", tooltip="Mean PSNR in dB (NaN without a reference)."),
+                                          "degraded photo.")]
+
+    @classmethod
+    def outputs(cls) -> list:
+        return [io.Float.Output("psnr", display_name="psnr", tooltip="Mean PSNR in dB (NaN without a reference)."),
                 io.Float.Output("ssim", display_name="ssim", tooltip="Mean SSIM (NaN without a reference)."),
                 io.Float.Output("consistency", display_name="consistency",
                                 tooltip="Mean RMSE of A(x̂) − y on the 0-1 scale (NaN without a measurement); the "
                                         "measurement noise σ is the floor a perfect restoration reaches."),
-                io.String.Output("report", display_name="report", tooltip="All of it as text."),
-            ],
-        )
+                io.String.Output("report", display_name="report", tooltip="All of it as text.")]
 
     @classmethod
     def execute(cls, image, reference=None, measurement=None) -> io.NodeOutput:
@@ -77,7 +72,7 @@ class RestorationMetrics(io.ComfyNode):
                 lines.append(f"image {i}: PSNR {_fmt(pi, ' dB')}, SSIM {_fmt(si)}")
         if measurement is not None:
             try:
-                c = measurement_consistency(x, measurement.pixels.to(x.device), measurement.degradation,
+                c = measurement_consistency(x, measurement.y.to(x.device), measurement.degradation,
                                             noise_sigma=measurement.noise_sigma)
             except ValueError as e:
                 raise SiloInputError(node, "measurement", str(e),
@@ -100,22 +95,21 @@ def _uncertainty_outputs() -> list:
     ]
 
 
-class PixelUncertainty(io.ComfyNode):
+class PixelUncertainty(SiloNode):
+    """Pixel-wise uncertainty of a restoration (DiracDiffusion): give it several restorations of the same photo —
+    e.g. Repeat Latent Batch → SILO KSampler → VAE Decode, every batch element gets its own noise — and get their
+    mean, a heat map of the per-pixel standard deviation (bright = the solver is unsure there) and the samples."""
+
+    NODE_ID, TITLE, SHOWS_TEXT = "SILOPixelUncertainty", "Pixel Uncertainty", True
+
     @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="SILOPixelUncertainty",
-            is_output_node=True,  # shows text: the host re-sends a cached output node's result
-            display_name="Pixel Uncertainty",
-            category=CATEGORY,
-            description=("Pixel-wise uncertainty of a restoration (DiracDiffusion): give it several restorations of "
-                         "the same photo — e.g. Repeat Latent Batch → SILO KSampler → VAE Decode, every batch "
-                         "element gets its own noise — and get their mean, a heat map of the per-pixel standard "
-                         "deviation (bright = the solver is unsure there) and the samples."),
-            inputs=[io.Image.Input("samples", tooltip="At least 2 restorations of one measurement, as a batch.")],
-            outputs=[*_uncertainty_outputs(),
-                     io.Image.Output("samples_out", display_name="samples", tooltip="The individual restorations.")],
-        )
+    def inputs(cls) -> list:
+        return [io.Image.Input("samples", tooltip="At least 2 restorations of one measurement, as a batch.")]
+
+    @classmethod
+    def outputs(cls) -> list:
+        return [*_uncertainty_outputs(),
+                                     io.Image.Output("samples_out", display_name="samples", tooltip="The individual restorations.")]
 
     @classmethod
     def execute(cls, samples) -> io.NodeOutput:
@@ -132,24 +126,18 @@ class PixelUncertainty(io.ComfyNode):
                              samples, ui=ui.PreviewText(text))
 
 
-class RestoreSeeds(io.ComfyNode):
-    """Run one solver for N seeds and report the pixel-wise mean, uncertainty and every sample (DiracDiffusion)."""
+class RestoreSeeds(SiloNode):
+    """Runs the sampler you give it (SILO Sampler, Latent DPS / PSLD Sampler, ReSample Sampler or any core sampler)
+    once per seed — noise_seed, noise_seed+1, ... — exactly as SamplerCustomAdvanced would, decodes each result
+    and returns the pixel-wise mean, a heat map of the per-pixel standard deviation (bright = the solver is
+    unsure there) and the samples. One sample is in memory at a time while sampling, so it fits wherever a single
+    restoration fits."""
+
+    NODE_ID, TITLE, SHOWS_TEXT = "SILORestoreSeeds", "Restore with N Seeds (uncertainty)", True
 
     @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="SILORestoreSeeds",
-            is_output_node=True,  # shows text: the host re-sends a cached output node's result
-            display_name="Restore with N Seeds (uncertainty)",
-            category=CATEGORY,
-            description=("Runs the sampler you give it (SILO Sampler, Latent DPS / PSLD Sampler, ReSample Sampler or "
-                         "any core sampler) once per seed — noise_seed, noise_seed+1, ... — exactly as "
-                         "SamplerCustomAdvanced would, decodes each result and returns the pixel-wise mean, a heat "
-                         "map of the per-pixel standard deviation (bright = the solver is unsure there) and the "
-                         "samples. One sample is in memory at a time while sampling, so it fits wherever a single "
-                         "restoration fits."),
-            inputs=[
-                io.Guider.Input("guider", tooltip="Basic Guider (CFG 1, as in the paper) or CFG Guider with the "
+    def inputs(cls) -> list:
+        return [io.Guider.Input("guider", tooltip="Basic Guider (CFG 1, as in the paper) or CFG Guider with the "
                                                   "checkpoint's model."),
                 io.Sampler.Input("sampler", tooltip="The solver, e.g. SILO Sampler with its measurement and operator."),
                 io.Sigmas.Input("sigmas", tooltip="The noise schedule, e.g. Basic Scheduler."),
@@ -159,15 +147,14 @@ class RestoreSeeds(io.ComfyNode):
                 io.Int.Input("noise_seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Seed of the first sample; sample i uses noise_seed + i."),
                 io.Int.Input("seeds", default=4, min=2, max=64,
-                             tooltip="How many restorations to draw (at least 2 for a standard deviation)."),
-            ],
-            outputs=[
-                *_uncertainty_outputs(),
+                             tooltip="How many restorations to draw (at least 2 for a standard deviation).")]
+
+    @classmethod
+    def outputs(cls) -> list:
+        return [*_uncertainty_outputs(),
                 io.Image.Output("samples", display_name="samples", tooltip="The individual restorations, in seed "
                                                                            "order."),
-                io.Latent.Output("latents", display_name="latents", tooltip="The sampled latents, in seed order."),
-            ],
-        )
+                io.Latent.Output("latents", display_name="latents", tooltip="The sampled latents, in seed order.")]
 
     @classmethod
     def execute(cls, guider, sampler, sigmas, latent_image, vae, noise_seed, seeds) -> io.NodeOutput:

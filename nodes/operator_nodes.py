@@ -15,7 +15,7 @@ from ..operators.files import latent_family, operator_file_name
 from ..operators.io import load_operator, read_operator_metadata, save_operator
 from ..operators.text import bounded
 from ..operators.training import TrainingDataError, TrainSettings, format_report, train_operator
-from .common import CATEGORY, Degradation, LatentOperator, SiloInputError, display_name, image_to_bchw
+from .common import Degradation, LatentOperator, SiloInputError, SiloNode, display_name, image_to_bchw
 from .host import (
     OPERATOR_FOLDER,
     compute_device,
@@ -102,24 +102,23 @@ def describe_operator(meta: dict) -> str:
     return "\n".join(lines)
 
 
-class LatentOperatorLoader(io.ComfyNode):
+class LatentOperatorLoader(SiloNode):
+    """Loads a latent degradation operator (.safetensors from models/latent_operators): a small network that
+    imitates a degradation inside one VAE's latent space. Use one trained for the same degradation and the same
+    model family (latent format) as your checkpoint."""
+
+    NODE_ID, TITLE, SHOWS_TEXT = "SILOLatentOperatorLoader", "Latent Degradation Operator", True
+
     @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="SILOLatentOperatorLoader",
-            is_output_node=True,  # shows text: the host re-sends a cached output node's result
-            display_name="Latent Degradation Operator",
-            category=CATEGORY,
-            description=("Loads a latent degradation operator (.safetensors from models/latent_operators): a small "
-                         "network that imitates a degradation inside one VAE's latent space. Use one trained for the "
-                         "same degradation and the same model family (latent format) as your checkpoint."),
-            inputs=[
-                io.Combo.Input("operator_name", options=operator_file_names(),
+    def inputs(cls) -> list:
+        return [io.Combo.Input("operator_name", options=operator_file_names(),
                                tooltip="Operator file in ComfyUI/models/latent_operators (train one with the Train "
-                                       "Latent Operator node or `python -m comfyui_silo train-operator`)."),
-            ],
-            outputs=[LatentOperator.Output("OPERATOR", display_name="OPERATOR", tooltip="The operator, for SILO KSampler / SILO Sampler.")],
-        )
+                                       "Latent Operator node or `python -m comfyui_silo train-operator`).")]
+
+    @classmethod
+    def outputs(cls) -> list:
+        return [LatentOperator.Output("OPERATOR", display_name="OPERATOR",
+                                      tooltip="The operator, for SILO KSampler / SILO Sampler.")]
 
     @classmethod
     def validate_inputs(cls, operator_name) -> bool | str:
@@ -168,41 +167,38 @@ def _unique_path(folder: str, name: str) -> str:
     return path
 
 
-class TrainLatentOperator(io.ComfyNode):
+class TrainLatentOperator(SiloNode):
+    """Trains a latent degradation operator for your checkpoint's VAE from a batch of clean images (photos, or
+    images your own checkpoint generated: KSampler → VAE Decode → here). Saves it to models/latent_operators and
+    reports its held-out error next to two trivial baselines."""
+
+    NODE_ID, TITLE, SHOWS_TEXT = "SILOTrainLatentOperator", "Train Latent Operator", True
+
     @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="SILOTrainLatentOperator",
-            display_name="Train Latent Operator",
-            category=CATEGORY,
-            description=("Trains a latent degradation operator for your checkpoint's VAE from a batch of clean images "
-                         "(photos, or images your own checkpoint generated: KSampler → VAE Decode → here). Saves it "
-                         "to models/latent_operators and reports its held-out error next to two trivial baselines."),
-            is_output_node=True,
-            inputs=[
-                io.Image.Input("images", tooltip="Clean training images (at least 2; more and larger is better). "
+    def inputs(cls) -> list:
+        return [io.Image.Input("images", tooltip="Clean training images (at least 2; more and larger is better). "
                                                  "About one in ten is held out to measure fidelity."),
                 io.Model.Input("model", tooltip="The checkpoint's MODEL: fixes the latent space (scale/shift) the "
                                                 "operator is trained in."),
                 io.Vae.Input("vae", tooltip="The checkpoint's VAE: its encoder defines the latent space."),
                 Degradation.Input("degradation", tooltip="The degradation to emulate (Degradation (SILO) node)."),
                 # steps, batch_size, crop_size, learning_rate, max_noise_sigma, pool_size, seed: declared once in
-                # the core (TrainSettings); the node offers crops in 64-px steps from 64 px (the core takes any
-                # multiple of 8 from 16, for quick tests)
-                *widget_inputs(TrainSettings, crop_size={"min": 64, "step": 64}),
+                # the core (TrainSettings), ranges included
+                *widget_inputs(TrainSettings),
                 io.String.Input("filename", default="my_operator",
                                 tooltip="File name inside models/latent_operators (.safetensors is added; an "
-                                        "existing file is never overwritten)."),
-            ],
-            outputs=[
-                LatentOperator.Output("OPERATOR", display_name="OPERATOR", tooltip="The trained operator, ready for SILO KSampler."),
-                io.String.Output("report", display_name="report", tooltip="Held-out error of the operator vs. identity and "
-                                                   "degradation-on-the-latent baselines."),
+                                        "existing file is never overwritten).")]
+
+    @classmethod
+    def outputs(cls) -> list:
+        return [LatentOperator.Output("OPERATOR", display_name="OPERATOR",
+                                      tooltip="The trained operator, ready for SILO KSampler."),
+                io.String.Output("report", display_name="report",
+                                 tooltip="Held-out error of the operator vs. identity and degradation-on-the-latent "
+                                         "baselines."),
                 io.Image.Output("curve", display_name="curve",
                                 tooltip="The held-out error during training against its two trivial baselines, as a "
-                                        "chart (e.g. for Preview Image): the operator's line should end below both."),
-            ],
-        )
+                                        "chart (e.g. for Preview Image): the operator's line should end below both.")]
 
     @classmethod
     def execute(cls, images, model, vae, degradation, filename, **widgets) -> io.NodeOutput:

@@ -13,7 +13,7 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..operators.charts import message_chart, trace_chart, training_curve_chart
-from .common import CATEGORY, Trace
+from .common import SiloNode, Trace
 
 PLOT_SIZE = (640, 400)
 
@@ -51,22 +51,21 @@ def image_and_text_ui(image: torch.Tensor, text: str | None = None, cls=None) ->
     return out
 
 
-class TracePlot(io.ComfyNode):
+class TracePlot(SiloNode):
+    """Plots a solver's per-step measurement consistency (the trace output of SILO KSampler, Latent DPS / PSLD
+    KSampler or ReSample KSampler): a line that falls and levels off means the guidance is working; one that
+    rises or stays flat asks for a larger η (or a better operator). Shows the chart on the node and outputs it as
+    an IMAGE."""
+
+    NODE_ID, TITLE, SHOWS_IMAGE = "SILOTracePlot", "SILO Trace Plot", True
+
     @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="SILOTracePlot",
-            display_name="SILO Trace Plot",
-            category=CATEGORY,
-            description=("Plots a solver's per-step measurement consistency (the trace output of SILO KSampler, "
-                         "Latent DPS / PSLD KSampler or ReSample KSampler): a line that falls and levels off means "
-                         "the guidance is working; one that rises or stays flat asks for a larger η (or a better "
-                         "operator). Shows the chart on the node and outputs it as an IMAGE."),
-            is_output_node=True,
-            inputs=[Trace.Input("trace", tooltip="The trace output of a SILO / Latent DPS / ReSample KSampler.")],
-            outputs=[io.Image.Output("IMAGE", display_name="IMAGE",
-                                     tooltip="The chart (640×400), e.g. for Save Image.")],
-        )
+    def inputs(cls) -> list:
+        return [Trace.Input("trace", tooltip="The trace output of a SILO / Latent DPS / ReSample KSampler.")]
+
+    @classmethod
+    def outputs(cls) -> list:
+        return [io.Image.Output("IMAGE", display_name="IMAGE", tooltip="The chart (640×400), e.g. for Save Image.")]
 
     @classmethod
     def execute(cls, trace) -> io.NodeOutput:

@@ -40,10 +40,10 @@ def widget_input(spec: SettingSpec, **overrides: Any) -> io.Input:
     return cls.Input(spec.name, default=default, tooltip=tooltip, **kw)
 
 
-def widget_inputs(settings_cls, skip: tuple[str, ...] = (), **overrides: dict) -> list[io.Input]:
-    """Inputs for every declared (widget) field of ``settings_cls``, in declaration order."""
-    return [widget_input(s, **overrides.get(s.name, {})) for s in settings_cls.specs()
-            if s.widget and s.name not in skip]
+def widget_inputs(settings_cls, **overrides: dict) -> list[io.Input]:
+    """Inputs for every declared (widget) field of ``settings_cls``, in declaration order (``overrides``: a field's
+    name -> attributes to replace, e.g. the tooltip a node words its own way)."""
+    return [widget_input(s, **overrides.get(s.name, {})) for s in settings_cls.specs() if s.widget]
 
 
 def settings_from_widgets(settings_cls, node: str, **values: Any):

@@ -32,7 +32,6 @@ from .network import LatentOperator, count_parameters, mask_to_latent
 from .physics import LATENT_CLAMP, DegradationLike, GaussianNoise, Measurement, MeasurementError
 from .reference import SiloReferenceCNN, import_reference_operator
 from .training import (
-    TrainConfig,
     TrainingDataError,
     TrainResult,
     TrainSettings,
@@ -45,7 +44,7 @@ __all__ = [
     "ARCHITECTURES", "DEFAULT_MEASUREMENT_NOISE", "DEGRADATIONS", "DEGRADATION_TYPES", "FORMAT", "FORMAT_VERSION",
     "INPAINT_TYPES", "LATENT_CLAMP", "MAX_OPERATOR_PARAMETERS", "STANDARD_DEGRADATIONS", "Degradation",
     "DegradationLike", "GaussianNoise", "LatentOperator", "LoadedOperator", "Measurement", "MeasurementError",
-    "SiloReferenceCNN", "SpecMismatch", "TrainConfig", "TrainResult", "TrainSettings", "TrainState",
+    "SiloReferenceCNN", "SpecMismatch", "TrainResult", "TrainSettings", "TrainState",
     "TrainingDataError", "add_noise", "build_degradation", "count_parameters", "describe_spec", "format_report",
     "import_reference_operator", "latent_family", "latent_format_compatible", "load_operator", "mask_to_latent",
     "operator_file_name", "read_operator_metadata", "save_operator", "spec_mismatch", "train_operator",

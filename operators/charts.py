@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 # distinguishable colours (Okabe-Ito), one per series in order
 COLOURS = [(0, 114, 178), (213, 94, 0), (0, 158, 115), (204, 121, 167), (230, 159, 0), (86, 180, 233),
@@ -78,18 +79,10 @@ def _canvas(size: tuple[int, int], left: int, s: float, title: str, note: str | 
     return img, d
 
 
-def line_chart(series: Mapping[str, Sequence[tuple[float, float]]], *, title: str, xlabel: str, ylabel: str,
-               size: tuple[int, int] = (640, 400), log_y: bool | None = None,
-               dashed: Iterable[str] = (), note: str = "", integer_x: bool = False):
-    """Draw ``{label: [(x, y), ...]}`` as lines on one chart and return a ``PIL.Image`` (RGB).
-
-    ``log_y``: None picks a log axis when every value is positive and they span more than a factor of 20.
-    Series named in ``dashed`` are drawn dashed (baselines). Non-finite points are skipped; a series with one point
-    is drawn as a marker. ``note`` is a small line of text under the title; ``integer_x`` keeps x ticks whole
-    (steps). Raises ``ValueError`` when there is
-    nothing to draw.
-    """
-
+def _finite_points(series: Mapping[str, Sequence[tuple[float, float]]], log_y: bool | None):
+    """The finite points of each series, sorted by x, and whether the y axis is logarithmic (``None``: log when every
+    value is positive and they span more than a factor of 20; a log axis drops the non-positive values). Also
+    returns every x drawn before that drop, which sets the x range."""
     pts = {k: sorted((float(x), float(y)) for x, y in v if math.isfinite(float(x)) and math.isfinite(float(y)))
            for k, v in series.items()}
     pts = {k: v for k, v in pts.items() if v}
@@ -103,52 +96,81 @@ def line_chart(series: Mapping[str, Sequence[tuple[float, float]]], *, title: st
     if log_y and not positive:
         pts = {k: [(x, y) for x, y in v if y > 0] for k, v in pts.items()}
         pts = {k: v for k, v in pts.items() if v}
-        ys = [y for v in pts.values() for _, y in v]
-        if not ys:
+        if not pts:
             raise ValueError("line_chart: a log axis needs positive values")
-    W, H = size
-    s = H / 400  # scale fonts and margins with the image
-    f_title, f_small = font(max(10, round(16 * s))), font(max(9, round(12 * s)))
-    left, right, top, bottom = round(64 * s), round(16 * s), round((58 if note else 42) * s), round(46 * s)
-    x_lo, x_hi = min(xs), max(xs)
-    if x_hi == x_lo:
-        x_lo, x_hi = x_lo - 1, x_hi + 1
-    if log_y:
-        y_lo, y_hi = math.log10(min(ys)), math.log10(max(ys))
-        pad = max((y_hi - y_lo) * 0.06, 0.05)
-        y_lo, y_hi = y_lo - pad, y_hi + pad
-    else:
-        y_lo, y_hi = min(ys), max(ys)
-        pad = (y_hi - y_lo) * 0.08 or max(abs(y_hi) * 0.1, 1e-6)
-        y_lo, y_hi = (0.0 if 0 <= y_lo <= pad * 3 else y_lo - pad), y_hi + pad
+    return pts, bool(log_y), xs
 
-    def px(x: float) -> float:
-        return left + (W - left - right) * (x - x_lo) / (x_hi - x_lo)
 
-    def py(y: float) -> float:
-        v = math.log10(y) if log_y else y
-        return top + (H - top - bottom) * (1 - (v - y_lo) / (y_hi - y_lo))
+@dataclass(frozen=True)
+class _LineAxes:
+    """A line chart's frame (image size, margins, font scale ``s``) and data ranges (``y_lo``/``y_hi`` in log10
+    units on a log axis), mapping data to pixels."""
 
-    img, d = _canvas((W, H), left, s, title, note, f_title, f_small)
-    y_ticks = log_ticks(10 ** y_lo, 10 ** y_hi) if log_y else nice_ticks(y_lo, y_hi)
+    W: int
+    H: int
+    s: float
+    left: int
+    right: int
+    top: int
+    bottom: int
+    x_lo: float
+    x_hi: float
+    y_lo: float
+    y_hi: float
+    log_y: bool
+
+    @classmethod
+    def fit(cls, xs: list[float], ys: list[float], log_y: bool, size: tuple[int, int], note: str) -> _LineAxes:
+        """Margins scaled with the image height, and padded ranges covering ``xs`` and ``ys``."""
+        W, H = size
+        s = H / 400  # scale fonts and margins with the image
+        x_lo, x_hi = min(xs), max(xs)
+        if x_hi == x_lo:
+            x_lo, x_hi = x_lo - 1, x_hi + 1
+        if log_y:
+            y_lo, y_hi = math.log10(min(ys)), math.log10(max(ys))
+            pad = max((y_hi - y_lo) * 0.06, 0.05)
+            y_lo, y_hi = y_lo - pad, y_hi + pad
+        else:
+            y_lo, y_hi = min(ys), max(ys)
+            pad = (y_hi - y_lo) * 0.08 or max(abs(y_hi) * 0.1, 1e-6)
+            y_lo, y_hi = (0.0 if 0 <= y_lo <= pad * 3 else y_lo - pad), y_hi + pad
+        return cls(W, H, s, round(64 * s), round(16 * s), round((58 if note else 42) * s), round(46 * s),
+                   x_lo, x_hi, y_lo, y_hi, log_y)
+
+    def px(self, x: float) -> float:
+        return self.left + (self.W - self.left - self.right) * (x - self.x_lo) / (self.x_hi - self.x_lo)
+
+    def py(self, y: float) -> float:
+        v = math.log10(y) if self.log_y else y
+        return self.top + (self.H - self.top - self.bottom) * (1 - (v - self.y_lo) / (self.y_hi - self.y_lo))
+
+
+def _draw_grid(d, ax: _LineAxes, xlabel: str, ylabel: str, integer_x: bool, f_small) -> None:
+    """Grid lines with tick labels on both axes, the frame and the axis titles."""
+    W, H, left, right, top, bottom, s = ax.W, ax.H, ax.left, ax.right, ax.top, ax.bottom, ax.s
+    y_ticks = log_ticks(10 ** ax.y_lo, 10 ** ax.y_hi) if ax.log_y else nice_ticks(ax.y_lo, ax.y_hi)
     for t in y_ticks:
-        y = py(t)
+        y = ax.py(t)
         if top <= y <= H - bottom:
             d.line([(left, y), (W - right, y)], fill=GRID)
             d.text((left - 6, y), _fmt(t), fill=INK, font=f_small, anchor="rm")
-    for t in nice_ticks(x_lo, x_hi, 6, integer=integer_x):
-        x = px(t)
+    for t in nice_ticks(ax.x_lo, ax.x_hi, 6, integer=integer_x):
+        x = ax.px(t)
         if left <= x <= W - right:
             d.line([(x, top), (x, H - bottom)], fill=GRID)
             d.text((x, H - bottom + 5), _fmt(t), fill=INK, font=f_small, anchor="mt")
     d.rectangle([left, top, W - right, H - bottom], outline=FRAME)
     d.text(((left + W - right) / 2, H - round(8 * s)), xlabel, fill=INK, font=f_small, anchor="mb")
     d.text((round(6 * s), top - round(4 * s)), ylabel, fill=INK, font=f_small, anchor="lb")
-    dashed = set(dashed)
-    width = max(2, round(2.5 * s))
+
+
+def _draw_lines(d, ax: _LineAxes, pts: Mapping[str, list[tuple[float, float]]], dashed: set, width: int) -> None:
+    """Each series as a line (dashed if named in ``dashed``; markers on short solid lines), or one marker."""
+    s = ax.s
     for i, (label, v) in enumerate(pts.items()):
         c = COLOURS[i % len(COLOURS)]
-        xy = [(px(x), py(y)) for x, y in v]
+        xy = [(ax.px(x), ax.py(y)) for x, y in v]
         if len(xy) == 1 or label in dashed and len(xy) < 2:
             r = max(3, round(3 * s))
             d.ellipse([xy[0][0] - r, xy[0][1] - r, xy[0][0] + r, xy[0][1] + r], fill=c)
@@ -160,12 +182,16 @@ def line_chart(series: Mapping[str, Sequence[tuple[float, float]]], *, title: st
                 r = max(2, round(2.5 * s))
                 for x, y in xy:
                     d.ellipse([x - r, y - r, x + r, y + r], fill=c)
-    # legend, top right inside the frame
-    ly = top + round(6 * s)
-    for i, label in enumerate(pts):
+
+
+def _draw_line_legend(d, ax: _LineAxes, labels: Iterable[str], dashed: set, width: int, f_small) -> None:
+    """The legend, top right inside the frame: a line sample (dashed as drawn) and the name of each series."""
+    s = ax.s
+    ly = ax.top + round(6 * s)
+    for i, label in enumerate(labels):
         c = COLOURS[i % len(COLOURS)]
         tw = d.textlength(label, font=f_small)
-        x1 = W - right - round(8 * s)
+        x1 = ax.W - ax.right - round(8 * s)
         x0 = x1 - tw - round(26 * s)
         d.rectangle([x0 - 3, ly - 2, x1 + 3, ly + round(14 * s)], fill=BACKGROUND)
         seg = [(x0, ly + round(7 * s)), (x0 + round(18 * s), ly + round(7 * s))]
@@ -175,6 +201,29 @@ def line_chart(series: Mapping[str, Sequence[tuple[float, float]]], *, title: st
             d.line(seg, fill=c, width=width)
         d.text((x0 + round(24 * s), ly), label, fill=INK, font=f_small)
         ly += round(17 * s)
+
+
+def line_chart(series: Mapping[str, Sequence[tuple[float, float]]], *, title: str, xlabel: str, ylabel: str,
+               size: tuple[int, int] = (640, 400), log_y: bool | None = None,
+               dashed: Iterable[str] = (), note: str = "", integer_x: bool = False):
+    """Draw ``{label: [(x, y), ...]}`` as lines on one chart and return a ``PIL.Image`` (RGB).
+
+    ``log_y``: None picks a log axis when every value is positive and they span more than a factor of 20.
+    Series named in ``dashed`` are drawn dashed (baselines). Non-finite points are skipped; a series with one point
+    is drawn as a marker. ``note`` is a small line of text under the title; ``integer_x`` keeps x ticks whole
+    (steps). Raises ``ValueError`` when there is
+    nothing to draw.
+    """
+    pts, log_y, xs = _finite_points(series, log_y)
+    ax = _LineAxes.fit(xs, [y for v in pts.values() for _, y in v], log_y, size, note)
+    s = ax.s
+    f_title, f_small = font(max(10, round(16 * s))), font(max(9, round(12 * s)))
+    img, d = _canvas((ax.W, ax.H), ax.left, s, title, note, f_title, f_small)
+    _draw_grid(d, ax, xlabel, ylabel, integer_x, f_small)
+    dashed = set(dashed)
+    width = max(2, round(2.5 * s))
+    _draw_lines(d, ax, pts, dashed, width)
+    _draw_line_legend(d, ax, pts, dashed, width, f_small)
     return img
 
 

@@ -52,6 +52,8 @@ from ..config.fields import SettingError, Settings, SettingSpec, setting
 from .text import bounded
 
 __all__ = [
+    "MaskShapeError",
+    "mask_b1hw",
     "DEFAULT_MEASUREMENT_NOISE",
     "DEGRADATIONS",
     "DEGRADATION_TYPES",
@@ -153,16 +155,28 @@ def _separable_blur(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     return x
 
 
+class MaskShapeError(TypeError, ValueError):
+    """A mask that is not a tensor shaped [H, W], [B, H, W] or [B, 1, H, W]."""
+
+
+def mask_b1hw(mask: torch.Tensor) -> torch.Tensor:
+    """A mask (ComfyUI's MASK ``[H, W]`` or ``[B, H, W]``, or ``[B, 1, H, W]``; 1 = missing) as ``[B, 1, H, W]``,
+    values unchanged: the one place the pack brings masks to one shape."""
+    if not isinstance(mask, torch.Tensor):
+        raise MaskShapeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
+    if mask.dim() == 2:
+        return mask[None, None]
+    if mask.dim() == 3:
+        return mask[:, None]
+    if mask.dim() != 4 or mask.shape[1] != 1:
+        raise MaskShapeError(f"mask must have a single channel and shape [H, W], [B, H, W] or [B, 1, H, W] (1 = "
+                             f"missing), got {tuple(mask.shape)}")
+    return mask
+
+
 def _normalise_mask(mask: torch.Tensor) -> torch.Tensor:
     """ComfyUI MASK ([H,W], [B,H,W] or [B,1,H,W], 1 = missing) -> binary float32 [B,1,H,W]."""
-    if not isinstance(mask, torch.Tensor):
-        raise ValueError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
-    if mask.dim() == 2:
-        mask = mask[None, None]
-    elif mask.dim() == 3:
-        mask = mask[:, None]
-    elif mask.dim() != 4 or mask.shape[1] != 1:
-        raise ValueError(f"mask must have shape [H, W], [B, H, W] or [B, 1, H, W], got {tuple(mask.shape)}")
+    mask = mask_b1hw(mask)
     if mask.numel() == 0:
         raise ValueError(f"mask is empty (shape {tuple(mask.shape)})")
     if not torch.isfinite(mask.detach().float()).all():
@@ -398,10 +412,7 @@ class GaussianBlur(Degradation):
     on each channel.
     """
 
-    type_name = "gaussian_blur"
-    Params = GaussianBlurParams
-    required = ("sigma",)
-    widget_prefix = "blur_"
+    type_name, Params, required, widget_prefix = "gaussian_blur", GaussianBlurParams, ("sigma",), "blur_"
 
     def __init__(self, kernel_size: int, sigma: float):
         super().__init__(kernel_size=kernel_size, sigma=sigma)
@@ -447,10 +458,7 @@ class SuperResolution(Degradation):
     :meth:`linear` is the unclamped map (its adjoint is :meth:`A_adjoint`).
     """
 
-    type_name = "super_resolution"
-    Params = SuperResolutionParams
-    required = ("factor",)
-    widget_prefix = "sr_"
+    type_name, Params, required, widget_prefix = "super_resolution", SuperResolutionParams, ("factor",), "sr_"
     same_size = False
 
     def __init__(self, factor: int):
@@ -537,10 +545,7 @@ class BoxInpaintParams(Settings):
 class BoxInpaint(_InpaintBase):
     """A fixed box ``[top, top + height) x [left, left + width)`` is missing (set to 0)."""
 
-    type_name = "box_inpaint"
-    Params = BoxInpaintParams
-    required = ("top", "left", "height", "width")
-    widget_prefix = "box_"
+    type_name, Params, required, widget_prefix = "box_inpaint", BoxInpaintParams, ("top", "left", "height", "width"), "box_"
 
     def __init__(self, top: int, left: int, height: int, width: int):
         super().__init__(top=top, left=left, height=height, width=width)
@@ -585,10 +590,7 @@ class RandomBoxInpaint(_InpaintBase):
     batch size.
     """
 
-    type_name = "random_box_inpaint"
-    Params = RandomBoxInpaintParams
-    required = ("size",)
-    widget_prefix = "random_box_"
+    type_name, Params, required, widget_prefix = "random_box_inpaint", RandomBoxInpaintParams, ("size",), "random_box_"
 
     def __init__(self, size: int, seed: int = 0, margin: int = 16):
         super().__init__(size=size, seed=seed, margin=margin)
@@ -663,18 +665,15 @@ class JPEG(Degradation):
     latent-grid analogue, so the naive baseline leaves the latent unchanged.
     """
 
-    type_name = "jpeg"
-    Params = JPEGParams
-    required = ("quality",)
-    widget_prefix = "jpeg_"
+    type_name, Params, required, widget_prefix = "jpeg", JPEGParams, ("quality",), "jpeg_"
     is_linear = False
-
-    def __init__(self, quality: int):
-        super().__init__(quality=quality)
 
     @property
     def name(self) -> str:
         return f"JPEG q={self.quality}"
+
+    def __init__(self, quality: int):
+        super().__init__(quality=quality)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from kornia.enhance import jpeg_codec_differentiable

@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .degradations import build_degradation, degradation_class, normalise_spec
+from .degradations import build_degradation, degradation_class, mask_b1hw, normalise_spec
 
 __all__ = [
     "LatentOperator",
@@ -69,20 +69,7 @@ def mask_to_latent(mask: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
         missing. Area averaging (``F.interpolate(mode="area")``, i.e. adaptive average pooling) is exact for the
         usual 8× pixel/latent ratio and also handles non-integer ratios and masks smaller than the latent.
     """
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
-    if mask.dim() == 2:
-        mask = mask[None, None]
-    elif mask.dim() == 3:
-        mask = mask[:, None]
-    elif mask.dim() == 4:
-        if mask.shape[1] != 1:
-            raise ValueError(
-                f"mask must have a single channel ([B, 1, H, W]); got shape {tuple(mask.shape)}. "
-                "Pass one mask channel (1 = missing)."
-            )
-    else:
-        raise ValueError(f"mask must be [H, W], [B, H, W] or [B, 1, H, W]; got shape {tuple(mask.shape)}")
+    mask = mask_b1hw(mask)
     if len(size) != 2:
         raise ValueError(f"size must be (height, width); got {size!r}")
     h, w = int(size[0]), int(size[1])
@@ -192,6 +179,26 @@ class _Up(nn.Module):
         return self.conv(F.interpolate(x, size=tuple(size), mode="nearest"))
 
 
+def _check_architecture(latent_channels, width, channel_mults: list[int], num_res_blocks, mid_dilations: list[int],
+                        sigma_embed_dim, cond_dim, sigma_max, norm_groups, padding_mode) -> None:
+    """Refuse a :class:`LatentOperator` configuration with a ``ValueError`` before anything is built."""
+    if latent_channels < 1 or width < 1 or num_res_blocks < 1 or not channel_mults:
+        raise ValueError("latent_channels, width, num_res_blocks ≥ 1 and at least one level are required")
+    if any(m < 1 for m in channel_mults) or any(d < 1 for d in mid_dilations):
+        raise ValueError("channel_mults and mid_dilations must be positive integers")
+    if sigma_embed_dim < 2 or cond_dim < 1 or not sigma_max > 0:
+        raise ValueError("sigma_embed_dim ≥ 2, cond_dim ≥ 1 and sigma_max > 0 are required")
+    if padding_mode not in _PADDING_MODES:
+        raise ValueError(f"padding_mode must be one of {_PADDING_MODES}, got {padding_mode!r}")
+    # Structural bounds (far above any useful operator): a config read from a file cannot make construction
+    # loop for long or a forward pass pad by a huge dilation. Sizes (width, channels) are bounded by the loader's
+    # parameter count instead, computed on the meta device.
+    if len(channel_mults) > _MAX_LEVELS or num_res_blocks > _MAX_BLOCKS or len(mid_dilations) > _MAX_BLOCKS:
+        raise ValueError(f"at most {_MAX_LEVELS} levels and {_MAX_BLOCKS} blocks per level / mid dilations")
+    if any(d > _MAX_DILATION for d in mid_dilations) or not 1 <= norm_groups <= _MAX_GROUPS:
+        raise ValueError(f"mid_dilations must be at most {_MAX_DILATION} and norm_groups in 1..{_MAX_GROUPS}")
+
+
 class LatentOperator(nn.Module):
     """Learned latent degradation operator ``H(z, σ_y, mask) ≈ E(A(x) + n)`` for any latent size.
 
@@ -238,22 +245,8 @@ class LatentOperator(nn.Module):
         super().__init__()
         channel_mults = [int(m) for m in channel_mults]
         mid_dilations = [int(d) for d in mid_dilations]
-        if latent_channels < 1 or width < 1 or num_res_blocks < 1 or not channel_mults:
-            raise ValueError("latent_channels, width, num_res_blocks ≥ 1 and at least one level are required")
-        if any(m < 1 for m in channel_mults) or any(d < 1 for d in mid_dilations):
-            raise ValueError("channel_mults and mid_dilations must be positive integers")
-        if sigma_embed_dim < 2 or cond_dim < 1 or not sigma_max > 0:
-            raise ValueError("sigma_embed_dim ≥ 2, cond_dim ≥ 1 and sigma_max > 0 are required")
-        if padding_mode not in _PADDING_MODES:
-            raise ValueError(f"padding_mode must be one of {_PADDING_MODES}, got {padding_mode!r}")
-        # Structural bounds (far above any useful operator): a config read from a file cannot make construction
-        # loop for long or a forward pass pad by a huge dilation. Sizes (width, channels) are bounded by the loader's
-        # parameter count instead, computed on the meta device.
-        if len(channel_mults) > _MAX_LEVELS or num_res_blocks > _MAX_BLOCKS or len(mid_dilations) > _MAX_BLOCKS:
-            raise ValueError(f"at most {_MAX_LEVELS} levels and {_MAX_BLOCKS} blocks per level / mid dilations")
-        if any(d > _MAX_DILATION for d in mid_dilations) or not 1 <= norm_groups <= _MAX_GROUPS:
-            raise ValueError(f"mid_dilations must be at most {_MAX_DILATION} and norm_groups in 1..{_MAX_GROUPS}")
-
+        _check_architecture(latent_channels, width, channel_mults, num_res_blocks, mid_dilations, sigma_embed_dim,
+                            cond_dim, sigma_max, norm_groups, padding_mode)
         self._config = {
             "latent_channels": int(latent_channels),
             "width": int(width),
@@ -276,10 +269,23 @@ class LatentOperator(nn.Module):
         chans = [width * m for m in channel_mults]
         emb_in = 2 * (sigma_embed_dim // 2) + 1
         self.sigma_mlp = nn.Sequential(nn.Linear(emb_in, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
-
         in_ch = latent_channels + (1 if use_mask else 0)
         self.stem = nn.Conv2d(in_ch, chans[0], 3, padding=1, padding_mode=pm)
+        ch = self._build_encoder(chans, num_res_blocks, cond_dim, norm_groups, pm)
+        self.mid = nn.ModuleList(
+            _ResBlock(ch, ch, cond_dim, norm_groups, dilation=d, padding_mode=pm) for d in mid_dilations
+        )
+        ch = self._build_decoder(chans, ch, num_res_blocks, cond_dim, norm_groups, pm)
+        self.out_norm = nn.GroupNorm(_num_groups(ch, norm_groups), ch)
+        self.out_conv = nn.Conv2d(ch, latent_channels, 3, padding=1, padding_mode=pm)
+        # Zero-initialised head: a fresh operator is exactly the identity H(z) = z.
+        nn.init.zeros_(self.out_conv.weight)
+        nn.init.zeros_(self.out_conv.bias)
 
+    def _build_encoder(self, chans: list[int], num_res_blocks: int, cond_dim: int, norm_groups: int,
+                       pm: str) -> int:
+        """The encoder levels (``enc``: residual blocks per level; ``down``: a stride-2 convolution between levels);
+        returns the channels at the coarsest level."""
         self.enc = nn.ModuleList()
         self.down = nn.ModuleList()
         ch = chans[0]
@@ -291,11 +297,12 @@ class LatentOperator(nn.Module):
             self.enc.append(blocks)
             if level < len(chans) - 1:
                 self.down.append(_Down(ch, pm))
+        return ch
 
-        self.mid = nn.ModuleList(
-            _ResBlock(ch, ch, cond_dim, norm_groups, dilation=d, padding_mode=pm) for d in mid_dilations
-        )
-
+    def _build_decoder(self, chans: list[int], ch: int, num_res_blocks: int, cond_dim: int, norm_groups: int,
+                       pm: str) -> int:
+        """The decoder levels, coarsest first (``dec``: a block taking the skip connection, then more blocks;
+        ``up``: up-sampling to the next finer level); returns the channels at full resolution."""
         self.dec = nn.ModuleList()
         self.up = nn.ModuleList()
         for level in reversed(range(len(chans))):
@@ -309,12 +316,7 @@ class LatentOperator(nn.Module):
             if level > 0:
                 self.up.append(_Up(ch, chans[level - 1], pm))
                 ch = chans[level - 1]
-
-        self.out_norm = nn.GroupNorm(_num_groups(ch, norm_groups), ch)
-        self.out_conv = nn.Conv2d(ch, latent_channels, 3, padding=1, padding_mode=pm)
-        # Zero-initialised head: a fresh operator is exactly the identity H(z) = z.
-        nn.init.zeros_(self.out_conv.weight)
-        nn.init.zeros_(self.out_conv.bias)
+        return ch
 
     @property
     def config(self) -> dict:

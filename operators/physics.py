@@ -18,6 +18,7 @@ model travels with the measurement instead of being a loose float next to it:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,9 +26,10 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from ..config.fields import Settings, setting
 from .degradations import DEFAULT_MEASUREMENT_NOISE, add_noise
 
-__all__ = ["LATENT_CLAMP", "DegradationLike", "GaussianNoise", "Measurement", "MeasurementError"]
+__all__ = ["LATENT_CLAMP", "DegradationLike", "GaussianNoise", "Measurement", "MeasurementError", "NoiseSettings"]
 
 #: Latents of measurements and training targets are clamped to [-LATENT_CLAMP, LATENT_CLAMP] (the paper's --clamp).
 LATENT_CLAMP = 4.0
@@ -74,6 +76,16 @@ class DegradationLike(Protocol):
 
 
 @dataclass(frozen=True)
+class NoiseSettings(Settings):
+    """The measurement noise as a setting, declared once for every node and command that asks for it."""
+
+    OWNER = "measurement"
+
+    noise_sigma: float = setting(DEFAULT_MEASUREMENT_NOISE, min=0.0, max=1.0, step=0.001,
+                                 tooltip="Std of the Gaussian measurement noise on the 0-1 image scale (paper: 0.01).")
+
+
+@dataclass(frozen=True)
 class GaussianNoise:
     """Additive white Gaussian noise with std ``sigma`` on the [0, 1] image scale (the paper: 0.01)."""
 
@@ -92,20 +104,50 @@ class GaussianNoise:
 
 class MeasurementError(ValueError):
     """A measurement that cannot be used: ``field`` is ``"image"`` or ``"degradation"`` (what to fix), ``problem``
-    and ``fix`` are sentences a front end can place in its own message."""
+    and ``fix`` are sentences a front end can place in its own message, ``reason`` says which check failed
+    (``"shape"``, ``"not_finite"``, ``"size"``, ``"mask_batch"``, ``"mask"``) so a front end can give its own advice."""
 
-    def __init__(self, field: str, problem: str, fix: str = ""):
+    def __init__(self, field: str, problem: str, fix: str = "", reason: str = ""):
         super().__init__(f"{problem} {fix}".strip())
-        self.field, self.problem, self.fix = field, problem, fix
+        self.field, self.problem, self.fix, self.reason = field, problem, fix, reason
+
+
+def _restored_size(photo: torch.Tensor, degradation: DegradationLike, multiple: int) -> tuple[int, int]:
+    h, w = degradation.restored_size(photo.shape[-2:])
+    if h % multiple or w % multiple:
+        fix = (f"Crop or pad the photo to a multiple of {multiple} pixels." if degradation.same_size else
+               f"Resize or crop the photo so that its size times the factor is a multiple of {multiple}.")
+        raise MeasurementError("image", f"the restored size {w}x{h} is not a multiple of {multiple} (the VAE's "
+                                        "downscale factor).", fix, "size")
+    return h, w
+
+
+def _photo_mask(photo: torch.Tensor, degradation: DegradationLike, size: tuple[int, int]) -> torch.Tensor | None:
+    b = photo.shape[0]
+    drawn = getattr(degradation, "mask", None)
+    if isinstance(drawn, torch.Tensor) and drawn.ndim >= 3 and drawn.shape[0] not in (1, b):
+        images = "a single photo" if b == 1 else f"a batch of {b} photos"
+        fix = "Use one mask." if b == 1 else f"Use one mask, or one per photo ({b})."
+        raise MeasurementError("degradation", f"the mask has a batch of {drawn.shape[0]} but the image is {images}.",
+                               fix, "mask_batch")
+    try:
+        return degradation.pixel_mask((b, 3, *size))
+    except ValueError as e:
+        fix = ("Draw the mask on this photo (the same size), one mask or one per image." if degradation.needs_mask
+               else "Make the box fit inside the photo.")
+        raise MeasurementError("degradation", f"{e}.", fix, "mask") from None
 
 
 @dataclass(frozen=True, eq=False)
 class Measurement:
-    """A measured photo with its physics: ``y = noise(A(x))``.
+    """A measured photo with its physics: ``y = noise(A(x))``, and (once encoded) its latent.
 
     ``y``: ``[B, 3, h, w]`` in its natural size (small for super-resolution; for inpainting ``y = x·(1 − m)``, only
     the pixels outside the mask are measured). ``lifted``: ``[B, 3, H, W]`` in [0, 1], ``y`` brought to the image
     size (what a VAE encodes). ``pixel_mask``: ``[B or 1, 1, H, W]``, 1 = missing, for inpainting types.
+    ``latent``: the VAE's latent of ``lifted`` (raw, before a model's ``process_in``; None until :meth:`encoded`)
+    and ``downscale`` the VAE's pixels per latent cell. Every solver consumes this one object: SILO its latent
+    through an operator, the pixel-space baselines ``y`` through the VAE decoder.
     """
 
     y: torch.Tensor
@@ -113,6 +155,8 @@ class Measurement:
     degradation: DegradationLike
     noise: GaussianNoise
     pixel_mask: torch.Tensor | None = None
+    latent: torch.Tensor | None = None
+    downscale: int = 8
 
     @property
     def noise_sigma(self) -> float:
@@ -127,6 +171,10 @@ class Measurement:
         """``y − A(x)`` for an image ``x`` of :attr:`image_size`."""
         return self.y - self.degradation(x)
 
+    def encoded(self, latent: torch.Tensor, downscale: int) -> Measurement:
+        """This measurement with the latent of :attr:`lifted` (``encode(lifted)``) and the encoder's factor."""
+        return dataclasses.replace(self, latent=latent, downscale=int(downscale))
+
     @classmethod
     def from_photo(cls, photo: torch.Tensor, degradation: DegradationLike, noise_sigma: float,
                    multiple: int = 8) -> Measurement:
@@ -139,24 +187,15 @@ class Measurement:
         noise = GaussianNoise(noise_sigma)
         if not isinstance(photo, torch.Tensor) or photo.dim() != 4:
             raise MeasurementError("image", f"expected a [B, 3, H, W] image tensor, got "
-                                            f"{tuple(getattr(photo, 'shape', ())) or type(photo).__name__}.")
+                                            f"{tuple(getattr(photo, 'shape', ())) or type(photo).__name__}.",
+                                   reason="shape")
         bad = int((~torch.isfinite(photo)).sum())
         if bad:
             raise MeasurementError("image", f"the photo has {bad} NaN or infinite value(s).",
-                                   "Fix the node that made it (a photo is 0-1 everywhere).")
-        h, w = degradation.restored_size(photo.shape[-2:])
-        if h % multiple or w % multiple:
-            fix = (f"Crop or pad the photo to a multiple of {multiple} pixels." if degradation.same_size else
-                   f"Resize or crop the photo so that its size times the factor is a multiple of {multiple}.")
-            raise MeasurementError("image", f"the restored size {w}x{h} is not a multiple of {multiple}.", fix)
-        lifted = degradation.lift(photo, size=(h, w))
-        try:
-            mask = degradation.pixel_mask((photo.shape[0], 3, h, w))
-        except ValueError as e:
-            fix = ("Draw the mask on this photo (the same size), one mask or one per image." if degradation.needs_mask
-                   else "Make the box fit inside the photo.")
-            raise MeasurementError("degradation", f"{e}.", fix) from None
-        y = photo
+                                   "Fix the node that made it (a photo is 0-1 everywhere).", "not_finite")
+        size = _restored_size(photo, degradation, multiple)
+        mask = _photo_mask(photo, degradation, size)
+        y, lifted = photo, degradation.lift(photo, size=size)
         if mask is not None:
             # only the pixels outside the mask are measured, y = A(x) = x·(1−m): what the photo still shows under
             # the mask (a photo with its holes painted in the mask editor) is not part of the measurement

@@ -335,27 +335,9 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def import_reference_operator(
-    pt_path: str | os.PathLike,
-    out_path: str | os.PathLike,
-    *,
-    degradation: dict,
-    latent_format: dict,
-    time_embedding: Mapping[str, torch.Tensor] | None = None,
-    training: dict | None = None,
-) -> Path:
-    """Convert one of the paper's CNN operator ``.pt`` files into a comfyui-silo ``.safetensors`` operator.
-
-    The ``.pt`` is read with ``torch.load(weights_only=True)`` (no pickle code runs) and checked key by key and
-    shape by shape against :class:`SiloReferenceCNN`; any mismatch raises a ``ValueError`` listing the missing,
-    unexpected and wrongly shaped keys. ``time_embedding`` (optional) is a state dict holding the diffusion UNet's
-    timestep-embedding MLP (see :func:`extract_time_embedding`), needed to use a σ-conditioned operator.
-    ``degradation`` / ``latent_format`` / ``training`` are stored as metadata (see :func:`.files.write_operator`).
-    Returns the output path.
-    """
-    pt_path = Path(pt_path)
-    if not pt_path.is_file():
-        raise FileNotFoundError(f"reference operator file not found: {pt_path}")
+def _read_state_dict(pt_path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a paper ``.pt`` file, read weights-only, unwrapped (``state_dict`` / ``model`` / ``module.``
+    prefixes) and refused with a clear message when it is another kind of SILO operator or no state dict at all."""
     try:
         obj = torch.load(pt_path, map_location="cpu", weights_only=True)
     except Exception as exc:  # any failure means "not a weights-only state dict"
@@ -384,7 +366,11 @@ def import_reference_operator(
             f"{pt_path.name} is the paper's other CNN variant (preserve_LatentDegradationNetwork), not the "
             "DegradationModel CNN; it is not supported."
         )
+    return sd
 
+
+def _module_for(sd: Mapping[str, torch.Tensor]) -> SiloReferenceCNN:
+    """A :class:`SiloReferenceCNN` shaped as the state dict suggests (channels, σ conditioning, embedding width)."""
     sigma_condition = "sigma_condition_precondition.0.weight" in sd
     s = 1 if sigma_condition else 0
     w_in = sd.get("encoder.0.weight")
@@ -395,13 +381,17 @@ def import_reference_operator(
     time_embed_dim = int(w_sig.shape[1]) if isinstance(w_sig, torch.Tensor) and w_sig.dim() == 2 else 1280
     if latent_channels < 1 or output_channels < 1:
         latent_channels, output_channels = 4, 4
-
-    module = SiloReferenceCNN(
+    return SiloReferenceCNN(
         latent_channels=latent_channels,
         output_channels=output_channels,
         sigma_condition=sigma_condition,
         time_embed_dim=time_embed_dim,
     )
+
+
+def _check_keys(name: str, sd: Mapping[str, torch.Tensor], module: SiloReferenceCNN) -> None:
+    """Refuse a state dict whose keys or shapes differ from ``module``'s, listing the missing, unexpected and wrongly
+    shaped keys."""
     expected = {k: v.shape for k, v in module.state_dict().items()}
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected]
@@ -410,21 +400,49 @@ def import_reference_operator(
         for k in expected
         if k in sd and tuple(sd[k].shape) != tuple(expected[k])
     ]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {_describe_keys(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {_describe_keys(unexpected)}")
-        if wrong:
-            parts.append(f"wrong shapes: {_describe_keys(wrong)}")
-        hint = ""
-        if any(k.endswith(("running_mean", "running_var", "num_batches_tracked")) for k in unexpected):
-            hint = " (BatchNorm statistics found: the layer_norm=False variant is not supported)"
-        raise ValueError(
-            f"{pt_path.name} does not match the SILO paper's CNN operator (DegradationModel, layer_norm=True, "
-            f"{latent_channels} latent channels, sigma_condition={sigma_condition}){hint}: " + "; ".join(parts)
-        )
+    if not (missing or unexpected or wrong):
+        return
+    parts = []
+    if missing:
+        parts.append(f"missing keys: {_describe_keys(missing)}")
+    if unexpected:
+        parts.append(f"unexpected keys: {_describe_keys(unexpected)}")
+    if wrong:
+        parts.append(f"wrong shapes: {_describe_keys(wrong)}")
+    hint = ""
+    if any(k.endswith(("running_mean", "running_var", "num_batches_tracked")) for k in unexpected):
+        hint = " (BatchNorm statistics found: the layer_norm=False variant is not supported)"
+    raise ValueError(
+        f"{name} does not match the SILO paper's CNN operator (DegradationModel, layer_norm=True, "
+        f"{module.latent_channels} latent channels, sigma_condition={module.sigma_condition}){hint}: "
+        + "; ".join(parts)
+    )
+
+
+def import_reference_operator(
+    pt_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    *,
+    degradation: dict,
+    latent_format: dict,
+    time_embedding: Mapping[str, torch.Tensor] | None = None,
+    training: dict | None = None,
+) -> Path:
+    """Convert one of the paper's CNN operator ``.pt`` files into a comfyui-silo ``.safetensors`` operator.
+
+    The ``.pt`` is read with ``torch.load(weights_only=True)`` (no pickle code runs) and checked key by key and
+    shape by shape against :class:`SiloReferenceCNN`; any mismatch raises a ``ValueError`` listing the missing,
+    unexpected and wrongly shaped keys. ``time_embedding`` (optional) is a state dict holding the diffusion UNet's
+    timestep-embedding MLP (see :func:`extract_time_embedding`), needed to use a σ-conditioned operator.
+    ``degradation`` / ``latent_format`` / ``training`` are stored as metadata (see :func:`.files.write_operator`).
+    Returns the output path.
+    """
+    pt_path = Path(pt_path)
+    if not pt_path.is_file():
+        raise FileNotFoundError(f"reference operator file not found: {pt_path}")
+    sd = _read_state_dict(pt_path)
+    module = _module_for(sd)
+    _check_keys(pt_path.name, sd, module)
     module.load_state_dict({k: v for k, v in sd.items()}, strict=True)
     if time_embedding is not None:
         module.attach_time_embedding(time_embedding)

@@ -140,27 +140,6 @@ class TrainSettings(Settings):
     def sigma_range(self) -> tuple[float, float]:
         return self.min_noise_sigma, self.max_noise_sigma
 
-    @classmethod
-    def from_legacy(cls, values: dict, base: TrainSettings | None = None) -> TrainSettings:
-        """Settings from keyword values, accepting the names of the earlier ``TrainConfig`` (``lr``, ``sigma_range``,
-        ``crop_scale``), as resume files written by it hold them."""
-        values = dict(values)
-        if "lr" in values:
-            values["learning_rate"] = values.pop("lr")
-        for old, (lo, hi) in (("sigma_range", ("min_noise_sigma", "max_noise_sigma")),
-                              ("crop_scale", ("crop_scale_min", "crop_scale_max"))):
-            if old in values:
-                pair = values.pop(old)
-                if not isinstance(pair, (list, tuple)) or len(pair) != 2:
-                    raise SettingError(old, f"training setting '{old}' must be (low, high), got {pair!r}")
-                values[lo], values[hi] = pair
-        merged = {**(base.widget_values() if base is not None else {}), **values}
-        return cls.from_values(merged)
-
-
-#: The earlier name of :class:`TrainSettings`.
-TrainConfig = TrainSettings
-
 
 @dataclass
 class TrainResult:
@@ -413,12 +392,34 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
+# the names the earlier ``TrainConfig`` stored in resume files: one name for a (low, high) pair of today's settings
+_OLD_PAIRS = (("sigma_range", ("min_noise_sigma", "max_noise_sigma")),
+              ("crop_scale", ("crop_scale_min", "crop_scale_max")))
+
+
+def _renamed_settings(stored: dict) -> dict:
+    """Settings stored in a resume file under today's names: files written by the earlier ``TrainConfig`` hold
+    ``lr`` (now ``learning_rate``) and the pairs ``sigma_range`` and ``crop_scale`` (now two settings each)."""
+    values = dict(stored)
+    if "lr" in values:
+        values["learning_rate"] = values.pop("lr")
+    for old, (lo, hi) in _OLD_PAIRS:
+        if old in values:
+            pair = values.pop(old)
+            if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+                raise SettingError(old, f"training setting '{old}' must be (low, high), got {pair!r}")
+            values[lo], values[hi] = pair
+    return values
+
+
 def _settings(config: TrainSettings | None, overrides: dict, resume: TrainState | None) -> TrainSettings:
-    cfg = TrainSettings.from_legacy(overrides, base=config if config is not None else TrainSettings())
+    """``config`` with the keyword ``overrides``; a resumed run keeps the settings stored in its state."""
+    base = config if config is not None else TrainSettings()
+    cfg = TrainSettings.from_values({**base.widget_values(), **overrides})
     if resume is not None:  # a resumed run keeps the stored settings, except how long it runs and how often it reports
-        known = {s.name for s in TrainSettings.specs()} | {"lr", "sigma_range", "crop_scale"}
+        known = {s.name for s in TrainSettings.specs()} | {"lr"} | {old for old, _ in _OLD_PAIRS}
         stored = {k: v for k, v in resume.config.items() if k in known and k not in ("steps", "eval_every")}
-        cfg = TrainSettings.from_legacy(stored, base=cfg)
+        cfg = TrainSettings.from_values({**cfg.widget_values(), **_renamed_settings(stored)})
     return cfg
 
 
@@ -549,6 +550,88 @@ def _optimise(operator, ema, opt, source: _PairSource, cfg: TrainSettings, start
     return smoothed, last_eval
 
 
+@dataclass
+class _Run:
+    """One training run: the operator, its EMA copy and optimiser, the held-out set, the curve so far, where the
+    resumable state is saved."""
+
+    cfg: TrainSettings
+    operator: torch.nn.Module
+    ema: torch.nn.Module | None
+    opt: torch.optim.Optimizer
+    downscale: int
+    state_path: str | Path | None
+    heldout: HeldoutSet | None = None
+    start: int = 0
+    curve: list = field(default_factory=list)
+
+    def restore(self, resume: TrainState) -> None:
+        """Continue from ``resume``: weights, EMA weights, optimiser moments, the step reached and the curve."""
+        self.operator.load_state_dict(resume.operator)
+        if self.ema is not None and resume.ema is not None:
+            self.ema.load_state_dict(resume.ema)
+        self.opt.load_state_dict(resume.optimizer)
+        self.start, self.curve = resume.step, list(resume.curve)
+
+    def snapshot(self, step: int) -> TrainState:
+        """A copy of everything needed to resume at ``step``."""
+        ema = self.ema
+        return TrainState(step=step, operator={k: v.detach().clone() for k, v in self.operator.state_dict().items()},
+                          ema=None if ema is None else {k: v.detach().clone() for k, v in ema.state_dict().items()},
+                          optimizer=copy.deepcopy(self.opt.state_dict()), config=self.cfg.as_dict(),
+                          curve=list(self.curve))
+
+    def record(self, step: int, train_loss: float) -> dict | None:
+        """An evaluation: the held-out errors added to the curve (returned), the state saved when asked."""
+        ev = None
+        if self.heldout is not None:
+            model = self.ema if self.ema is not None else self.operator.eval()
+            ev = evaluate(model, self.heldout.degradation, self.heldout, self.downscale)
+            self.operator.train()
+            self.curve.append({"step": step, "train_loss": train_loss, "heldout_l1": ev["operator"]["l1"],
+                               "identity_l1": ev["identity"]["l1"], "naive_l1": ev["naive_latent"]["l1"],
+                               "heldout_rel": ev["operator"]["rel_l2"]})
+        if self.state_path is not None:
+            self.snapshot(step).save(self.state_path)
+        return ev
+
+
+def _start_run(encode, degradation: Degradation, cfg: TrainSettings, operator, operator_config, device: torch.device,
+               resume: TrainState | None, held: list, state_path) -> _Run:
+    """The operator to train with its EMA copy and optimiser, restored from ``resume``, and the held-out pairs."""
+    operator, downscale = _new_operator(encode, degradation, cfg, operator, operator_config, device)
+    operator = operator.to(device).float().train()
+    ema = copy.deepcopy(operator).eval().requires_grad_(False) if cfg.ema_decay else None
+    opt = torch.optim.AdamW(operator.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    run = _Run(cfg, operator, ema, opt, downscale, state_path)
+    if resume is not None:
+        run.restore(resume)
+    if held:
+        run.heldout = prepare_heldout(encode, degradation.to(device), [im.to(device) for im in held], cfg.crop_size,
+                                      cfg.heldout_sigma, cfg.seed, area=sum(cfg.crop_scale) / 2)
+    return run
+
+
+def _finish(run: _Run, source: _PairSource, imgs: list, held: list, decode, smoothed: float | None,
+            last_eval: dict | None, seconds: float) -> TrainResult:
+    """The trained operator (EMA weights when EMA is on) frozen, its final evaluation, state and report."""
+    cfg = run.cfg
+    final = (run.ema if run.ema is not None else run.operator).eval()
+    if run.heldout is not None and last_eval is None:
+        last_eval = run.record(cfg.steps, smoothed if smoothed is not None else float("nan"))
+        final.eval()
+    state = run.snapshot(cfg.steps)
+    if run.state_path is not None:
+        state.save(run.state_path)
+    report = _report(cfg, run.start, imgs, held, smoothed, last_eval, run.curve, seconds, source, run.downscale,
+                     final)
+    if run.heldout is not None:
+        report["fidelity"] = _fidelity(final, run.heldout, decode, run.downscale, cfg.fidelity_crops)
+    for p in final.parameters():
+        p.requires_grad_(False)
+    return TrainResult(operator=final, report=report, state=state)
+
+
 def train_operator(
     encode: Callable[[torch.Tensor], torch.Tensor],
     degradation: Degradation | dict,
@@ -595,56 +678,12 @@ def train_operator(
         degradation = build_degradation(degradation)
     imgs, held = _split_images(images, heldout_images, cfg)
     device = torch.device(device)
-    operator, downscale = _new_operator(encode, degradation, cfg, operator, operator_config, device)
-    operator = operator.to(device).float().train()
-    ema = copy.deepcopy(operator).eval().requires_grad_(False) if cfg.ema_decay else None
-    opt = torch.optim.AdamW(operator.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    start, curve = 0, []
-    if resume is not None:
-        operator.load_state_dict(resume.operator)
-        if ema is not None and resume.ema is not None:
-            ema.load_state_dict(resume.ema)
-        opt.load_state_dict(resume.optimizer)
-        start, curve = resume.step, list(resume.curve)
-    heldout = None
-    if held:
-        heldout = prepare_heldout(encode, degradation.to(device), [im.to(device) for im in held], cfg.crop_size,
-                                  cfg.heldout_sigma, cfg.seed, area=sum(cfg.crop_scale) / 2)
-
-    def snapshot(step: int) -> TrainState:
-        return TrainState(step=step, operator={k: v.detach().clone() for k, v in operator.state_dict().items()},
-                          ema=None if ema is None else {k: v.detach().clone() for k, v in ema.state_dict().items()},
-                          optimizer=copy.deepcopy(opt.state_dict()), config=cfg.as_dict(), curve=list(curve))
-
-    def record(step: int, train_loss: float) -> dict | None:
-        if heldout is not None:
-            ev = evaluate(ema if ema is not None else operator.eval(), heldout.degradation, heldout, downscale)
-            operator.train()
-            curve.append({"step": step, "train_loss": train_loss, "heldout_l1": ev["operator"]["l1"],
-                          "identity_l1": ev["identity"]["l1"], "naive_l1": ev["naive_latent"]["l1"],
-                          "heldout_rel": ev["operator"]["rel_l2"]})
-        if state_path is not None:
-            snapshot(step).save(state_path)
-        return ev if heldout is not None else None
-
-    source = _PairSource(encode, degradation, imgs, cfg, device, should_stop, progress, start)
+    run = _start_run(encode, degradation, cfg, operator, operator_config, device, resume, held, state_path)
+    source = _PairSource(encode, degradation, imgs, cfg, device, should_stop, progress, run.start)
     t0 = time.time()
-    smoothed, last_eval = _optimise(operator, ema, opt, source, cfg, start, autocast_dtype(cfg.precision, device),
-                                    record, progress, should_stop)
-    seconds = time.time() - t0
-    final = (ema if ema is not None else operator).eval()
-    if heldout is not None and last_eval is None:
-        last_eval = record(cfg.steps, smoothed if smoothed is not None else float("nan"))
-        final.eval()
-    state = snapshot(cfg.steps)
-    if state_path is not None:
-        state.save(state_path)
-    report = _report(cfg, start, imgs, held, smoothed, last_eval, curve, seconds, source, downscale, final)
-    if heldout is not None:
-        report["fidelity"] = _fidelity(final, heldout, decode, downscale, cfg.fidelity_crops)
-    for p in final.parameters():
-        p.requires_grad_(False)
-    return TrainResult(operator=final, report=report, state=state)
+    smoothed, last_eval = _optimise(run.operator, run.ema, run.opt, source, cfg, run.start,
+                                    autocast_dtype(cfg.precision, device), run.record, progress, should_stop)
+    return _finish(run, source, imgs, held, decode, smoothed, last_eval, time.time() - t0)
 
 
 def _report(cfg, start, imgs, held, smoothed, last_eval, curve, seconds, source, downscale, final) -> dict:

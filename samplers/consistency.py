@@ -16,11 +16,10 @@ import torch
 
 from .core import MeasurementLoss, Progress, normal_tensor
 
-__all__ = ["CONSISTENCY_DEFAULTS", "OPTIMIZERS", "hard_consistency"]
+__all__ = ["MODES", "OPTIMIZERS", "hard_consistency"]
 
 OPTIMIZERS = ("adam", "sgd")
-#: Per-mode defaults of the optimiser (reference code values).
-CONSISTENCY_DEFAULTS = {"latent": {"steps": 500, "lr": 5e-3}, "pixel": {"steps": 2000, "lr": 1e-2}}
+MODES = ("latent", "pixel")
 
 
 def _optimise(param0, residual_fn, steps: int, lr: float, tolerance: float, optimizer: str,
@@ -59,7 +58,7 @@ def _optimise(param0, residual_fn, steps: int, lr: float, tolerance: float, opti
 
 
 def _check(mode: str, optimizer: str, steps, lr, tolerance, encoder) -> None:
-    if mode not in CONSISTENCY_DEFAULTS:
+    if mode not in MODES:
         raise ValueError(f"optimization={mode!r} is not known; allowed values: 'latent', 'pixel'")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer={optimizer!r} is not known; allowed values: {', '.join(map(repr, OPTIMIZERS))}")
@@ -73,24 +72,22 @@ def _check(mode: str, optimizer: str, steps, lr, tolerance, encoder) -> None:
 
 def hard_consistency(z0: torch.Tensor, measurement: torch.Tensor, degradation: Callable[..., torch.Tensor],
                      decoder: Callable[[torch.Tensor], torch.Tensor], *,
-                     encoder: Callable[[torch.Tensor], torch.Tensor] | None = None, mode: str = "latent",
-                     steps: int | None = None, lr: float | None = None, tolerance: float = 1e-3,
+                     steps: int, lr: float, encoder: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                     mode: str = "latent", tolerance: float = 1e-3,
                      optimizer: str = "adam", degradation_kwargs: dict | None = None,
                      progress: Progress | None = None, phase: str = "consistency") -> tuple[torch.Tensor, dict]:
     """Solve ReSample's hard data-consistency problem ``argmin ||y - A(D(z))||^2`` started at ``z0``.
 
-    ``mode="latent"``: optimise ``z`` through the decoder (defaults: 500 iterations, lr 5e-3).
-    ``mode="pixel"``: optimise the image ``D(z0)`` against ``||y - A(img)||^2`` and return ``E(img)``
-    (needs ``encoder``; defaults: 2000 iterations, lr 1e-2).  An element stops once its RMS residual is below
-    ``tolerance``.  Works inside ComfyUI's inference mode; no parameter of the decoder/encoder gets ``.grad``.
+    ``mode="latent"``: optimise ``z`` through the decoder; ``mode="pixel"``: optimise the image ``D(z0)`` against
+    ``||y - A(img)||^2`` and return ``E(img)`` (needs ``encoder``); at most ``steps`` iterations of learning rate
+    ``lr`` (ReSample's settings declare the reference code's values: ``latent_steps``/``lr`` 500/5e-3,
+    ``pixel_steps``/``pixel_lr`` 2000/1e-2).  An element stops once its RMS residual is below ``tolerance``.  Works inside ComfyUI's inference mode; no parameter of the decoder/encoder gets ``.grad``.
     ``progress(phase, k, steps)`` is called after every iteration (it may raise to cancel).
 
     Returns:
         ``(z, info)`` with ``info = {"rms": [B] RMS residual of A(D(z)) at the returned z,
         "iterations": [B] optimiser iterations taken}``.
     """
-    steps = CONSISTENCY_DEFAULTS.get(mode, {}).get("steps") if steps is None else steps
-    lr = CONSISTENCY_DEFAULTS.get(mode, {}).get("lr") if lr is None else lr
     _check(mode, optimizer, steps, lr, tolerance, encoder)
     out_dtype, out_device = z0.dtype, z0.device
     with torch.inference_mode(False), torch.enable_grad():

@@ -25,24 +25,24 @@ Only ``torch.autograd.grad`` w.r.t. the input is used (model parameters never ge
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
-from ..config.fields import SettingError, Settings, setting, setting_specs
-from .parameterization import PARAMETERIZATIONS, Parameterization, get_parameterization
-from .steps import make_noise_sampler
+from ..config.fields import SettingError, Settings, setting
+from .parameterization import Parameterization, get_parameterization
+from .steps import UPDATES, make_noise_sampler
 
 try:  # progress bar like ComfyUI's samplers; optional
     from tqdm.auto import trange as _trange
 except ImportError:  # pragma: no cover - tqdm ships with ComfyUI
     _trange = None
 
-__all__ = ["ETA_SCHEDULES", "GRADIENT_MODES", "Guidance", "GuidanceSettings", "MeasurementLoss", "NonFiniteStateError", "require_callables",
-           "Progress", "Solver", "StepState", "batch_compatible", "eta_function", "guided_sample", "normal_tensor",
-           "per_batch_l2", "per_batch_mse", "resolve_settings", "settings_guidance", "split_options"]
+__all__ = ["ETA_SCHEDULES", "GRADIENT_MODES", "Guidance", "GuidanceSettings", "MeasurementLoss", "Needs", "NonFiniteStateError",
+           "Progress", "Solver", "StepState", "batch_compatible", "early_stop_field", "eta_field", "eta_function",
+           "eta_schedule_field", "grad_clamp_field", "gradient_field", "guided_sample", "normal_tensor",
+           "per_batch_l2", "per_batch_mse", "require_callables", "resolve_settings", "split_options", "update_field"]
 
 GRADIENT_MODES = ("unet", "x0")
 ETA_SCHEDULES = ("constant", "sigma")
@@ -133,25 +133,68 @@ class MeasurementLoss:
 
 
 # ------------------------------------------------------------------------------------------------ settings
-def _off_values_to_none(settings: Settings) -> None:
-    for spec in setting_specs(settings):
-        value = getattr(settings, spec.name)
-        if spec.none_as is not None and value is not None and not isinstance(value, bool) and value == spec.none_as:
-            object.__setattr__(settings, spec.name, None)
+# The fields every guided solver shares, declared once: a solver's settings class lists the ones it has, in the order
+# of its node's widgets (saved workflows store widget values by position), with its own default or tooltip where
+# the method differs.
+EARLY_STOP_TOOLTIP = "-1: run to the end. k: return the denoised estimate at step k."
+
+
+def eta_field(default: float, maximum: float, tooltip: str) -> Any:
+    """The guidance strength η (0 = plain sampling)."""
+    return setting(default, min=0.0, max=maximum, step=0.05, tooltip=tooltip)
+
+
+def update_field(tooltip: str = "ddpm: ancestral DDPM step (the papers). euler: deterministic DDIM step.") -> Any:
+    """The loop's update rule (:data:`.steps.UPDATES`)."""
+    return setting("ddpm", choices=tuple(UPDATES), tooltip=tooltip)
+
+
+def gradient_field(tooltip: str) -> Any:
+    """Where the gradient is taken (:data:`GRADIENT_MODES`)."""
+    return setting("unet", choices=GRADIENT_MODES, tooltip=tooltip)
+
+
+def grad_clamp_field(default: float | None, tooltip: str) -> Any:
+    """The element-wise gradient clamp; 0 (None) = off."""
+    return setting(default, none_as=0.0, min=0.0, max=100.0, step=0.1, tooltip=tooltip)
+
+
+def early_stop_field(tooltip: str = EARLY_STOP_TOOLTIP) -> Any:
+    """DiracDiffusion's early stop: return the denoised estimate at step k; -1 (None) = off."""
+    return setting(None, none_as=-1, min=-1, max=10000, tooltip=tooltip)
+
+
+def eta_schedule_field(tooltip: str = "constant, or sigma: η times the VP noise fraction relative to the first "
+                                      "step's (decays to 0).") -> Any:
+    """η over the steps (:data:`ETA_SCHEDULES`; a callable can be passed as an option, not declared)."""
+    return setting("constant", choices=ETA_SCHEDULES, widget=False, tooltip=tooltip)
 
 
 @dataclasses.dataclass(frozen=True)
+class Needs:
+    """What a solver's runs need from the host, declared by its settings class (``NEEDS``): ``operator`` — the
+    measurement's latent through a trained latent operator (``measurement=`` is ``w`` in the operator's output
+    space, ``operator=`` is ``H``); otherwise the measurement's pixels ``y`` through the VAE decoder
+    (``measurement=``, ``degradation=``, ``decoder=``, and ``encoder=`` when :meth:`GuidanceSettings.needs_encoder`)."""
+
+    operator: bool = False
+
+
 class GuidanceSettings(Settings):
-    """Base of the solvers' settings: a field's "off" widget value (``none_as``) is stored as None however the
-    object is built, and the noise parameterization (a property of the model, not a widget)."""
+    """Base of the solvers' settings: what the node glue asks of every solver, answered from its settings."""
 
-    parameterization: str = setting(
-        "vp", choices=tuple(PARAMETERIZATIONS), widget=False,
-        tooltip="Noise parameterization of the model: 'vp' (x = z0 + sigma eps; eps- and v-prediction models) or "
-                "'flow' (x = (1 - sigma) z0 + sigma eps; flow-matching models). The node reads it from the model.")
+    NEEDS: ClassVar[Needs] = Needs()
 
-    def validate(self) -> None:
-        _off_values_to_none(self)
+    def check_degradation(self, degradation) -> None:
+        """Raise :class:`SettingError` (naming the field) when these settings cannot serve this degradation."""
+
+    def unet_gradient(self) -> bool:
+        """Does a run back-propagate through the denoiser (so its weights must be differentiable)?"""
+        return getattr(self, "gradient", "unet") == "unet" and getattr(self, "eta", 0.0) > 0
+
+    def needs_encoder(self) -> bool:
+        """Does a run encode images back to latents (pixel-space solvers only)?"""
+        return False
 
 
 def resolve_settings(cls: type[GuidanceSettings], settings: GuidanceSettings | None, values: dict[str, Any]):
@@ -167,40 +210,37 @@ def resolve_settings(cls: type[GuidanceSettings], settings: GuidanceSettings | N
 
 @dataclasses.dataclass(frozen=True)
 class Guidance:
-    """What the loop needs from a solver's settings."""
+    """What the loop reads from a solver's settings (made by :meth:`of`; the settings have checked the values),
+    and the model's noise parameterization."""
 
-    eta: float = 0.0
-    update: str = "ddpm"
-    gradient: str = "unet"
-    grad_clamp: float | None = None
-    eta_schedule: str | Callable[[int, float], float] = "constant"
-    early_stop: int | None = None
-    parameterization: str = "vp"
+    eta: float
+    update: str
+    gradient: str
+    grad_clamp: float | None
+    early_stop: int | None
+    eta_schedule: str | Callable[[int, float], float]
+    param: Parameterization
 
-    def __post_init__(self) -> None:  # the loop's contract (a solver's settings have checked their values already)
-        if self.gradient not in GRADIENT_MODES:
-            raise ValueError(f"gradient={self.gradient!r} is not known; allowed values: {GRADIENT_MODES}")
-        if not (math.isfinite(self.eta) and self.eta >= 0) or not (self.grad_clamp is None or self.grad_clamp > 0):
-            raise ValueError(f"eta must be finite and >= 0 and grad_clamp > 0 or None, got eta={self.eta!r}, "
-                             f"grad_clamp={self.grad_clamp!r}")
-
-
-def settings_guidance(settings: GuidanceSettings, options: dict[str, Any] | None = None,
-                      **fixed: Any) -> Guidance:
-    """The loop's :class:`Guidance` from a solver's settings (fields of the same name), a callable ``eta_schedule``
-    taken from ``options`` (a callable cannot be a declared setting), and ``fixed`` values (e.g. ReSample's update)."""
-    values = {f.name: getattr(settings, f.name) for f in dataclasses.fields(Guidance) if hasattr(settings, f.name)}
-    if options is not None and callable(options.get("eta_schedule")):
-        values["eta_schedule"] = options["eta_schedule"]
-    return Guidance(**{**values, **fixed})
+    @classmethod
+    def of(cls, settings: GuidanceSettings, parameterization: Parameterization | str = "vp",
+           schedule: Callable[[int, float], float] | None = None, **fixed: Any) -> Guidance:
+        """The fields of ``settings`` of the same name, ``fixed`` values for the ones a solver does not declare
+        (ReSample's update), ``schedule`` (a callable ``eta_schedule`` option) and the parameterization."""
+        names = [f.name for f in dataclasses.fields(cls) if f.name != "param"]
+        values = {n: getattr(settings, n) for n in names if hasattr(settings, n)}
+        if schedule is not None:
+            values["eta_schedule"] = schedule
+        values.setdefault("eta_schedule", "constant")
+        values.setdefault("early_stop", None)
+        return cls(**{**values, **fixed}, param=get_parameterization(parameterization))
 
 
 def split_options(cls: type[GuidanceSettings], settings: GuidanceSettings | None, options: dict[str, Any]):
-    """``(settings, schedule_options)``: the keyword ``options`` of a KSAMPLER function resolved against ``cls``
-    (see :func:`resolve_settings`); a callable ``eta_schedule`` is kept aside for :func:`settings_guidance`."""
+    """``(settings, schedule)``: the keyword ``options`` of a KSAMPLER function resolved against ``cls`` (see
+    :func:`resolve_settings`); a callable ``eta_schedule`` (not a declared value) is returned aside, else None."""
     options = dict(options)
-    aside = {"eta_schedule": options.pop("eta_schedule")} if callable(options.get("eta_schedule")) else {}
-    return resolve_settings(cls, settings, options), aside
+    schedule = options.pop("eta_schedule") if callable(options.get("eta_schedule")) else None
+    return resolve_settings(cls, settings, options), schedule
 
 
 def eta_function(eta: float, schedule, sigma0: float, param: Parameterization) -> Callable[[int, float], float]:
@@ -343,7 +383,7 @@ def _prepare(guidance: Guidance, sigmas, solver: Solver):
     k = guidance.early_stop
     if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < n_steps):
         raise ValueError(f"{solver.name}: early_stop={k!r} is out of range for {n_steps} steps (0..{n_steps - 1})")
-    param = get_parameterization(guidance.parameterization)
+    param = guidance.param
     step_fn = param.update(guidance.update)
     eta_fn = eta_function(float(guidance.eta), guidance.eta_schedule, float(sigmas[0]) if len(sigmas) else 0.0, param)
     return param, step_fn, eta_fn, n_steps

@@ -32,22 +32,9 @@ from collections.abc import Callable
 
 import torch
 
-from ..config.fields import setting
-from .core import (
-    ETA_SCHEDULES,
-    GRADIENT_MODES,
-    GuidanceSettings,
-    MeasurementLoss,
-    Progress,
-    Solver,
-    batch_compatible,
-    guided_sample,
-    normal_tensor,
-    require_callables,
-    settings_guidance,
-    split_options,
-)
-from .steps import UPDATES
+from ..config.fields import SettingError, setting
+from . import core
+from .parameterization import Parameterization
 
 __all__ = ["GLUING_NORMS", "LatentDPSSettings", "LatentDPSSolver", "psld_gluing_loss", "sample_latent_dps"]
 
@@ -55,36 +42,40 @@ GLUING_NORMS = ("squared", "plain")
 
 
 @dataclasses.dataclass(frozen=True)
-class LatentDPSSettings(GuidanceSettings):
+class LatentDPSSettings(core.GuidanceSettings):
     """Latent-DPS / PSLD settings, declared once (node widgets in this order, CLI, validation)."""
 
     OWNER = "Latent-DPS"
 
-    eta: float = setting(1.0, min=0.0, max=50.0, step=0.05,
-                         tooltip="Measurement-guidance step size (PSLD's ω; 0 = plain sampling).")
+    eta: float = core.eta_field(1.0, 50.0, "Measurement-guidance step size (PSLD's ω; 0 = plain sampling).")
     gluing: float = setting(0.0, min=0.0, max=10.0, step=0.01,
                             tooltip="PSLD's gluing weight γ on ‖ẑ₀ − E(Aᵀy + (I − AᵀA)D(ẑ₀))‖²; 0 = Latent-DPS. PSLD "
                                     "used 0.1 with η 1. Linear degradations only (not JPEG).")
     gluing_norm: str = setting("squared", choices=GLUING_NORMS,
                                tooltip="Gluing term as in PSLD's paper (squared norm) or its public code (plain norm: "
                                        "the pull has the same size whatever the mismatch, steadier with large γ).")
-    update: str = setting("ddpm", choices=tuple(UPDATES),
-                          tooltip="ddpm: ancestral DDPM step (the papers). euler: deterministic DDIM step.")
-    gradient: str = setting("unet", choices=GRADIENT_MODES,
-                            tooltip="unet: back-propagate through the UNet and the decoder (the papers). x0: only "
-                                    "through the decoder, at the denoised estimate.")
-    grad_clamp: float | None = setting(None, none_as=0.0, min=0.0, max=100.0, step=0.1,
-                                       tooltip="Element-wise gradient clamp; 0 = off (the papers do not clamp).")
-    early_stop: int | None = setting(None, none_as=-1, min=-1, max=10000,
-                                     tooltip="-1: run to the end. k: return the denoised estimate at step k.")
-    eta_schedule: str = setting("constant", choices=ETA_SCHEDULES, widget=False,
-                                tooltip="constant, or sigma: η times the VP noise fraction relative to the first "
-                                        "step's (decays to 0).")
+    update: str = core.update_field()
+    gradient: str = core.gradient_field("unet: back-propagate through the UNet and the decoder (the papers). x0: only "
+                                   "through the decoder, at the denoised estimate.")
+    grad_clamp: float | None = core.grad_clamp_field(None, "Element-wise gradient clamp; 0 = off (the papers do not "
+                                                      "clamp).")
+    early_stop: int | None = core.early_stop_field()
+    eta_schedule: str = core.eta_schedule_field()
 
     @property
     def gluing_weight(self) -> float:
         """Weight of the gluing term in the loss whose gradient eta multiplies: ``gluing / eta`` (0 when eta = 0)."""
         return self.gluing / self.eta if self.eta > 0 else 0.0
+
+    def needs_encoder(self) -> bool:
+        """PSLD's gluing term encodes the filled image back to a latent."""
+        return self.gluing > 0
+
+    def check_degradation(self, degradation) -> None:
+        if self.gluing > 0 and getattr(degradation, "is_linear", True) is False:
+            name = getattr(degradation, "name", type(degradation).__name__)
+            raise SettingError("gluing", f"PSLD's gluing term needs a linear degradation; {name} is not. Set "
+                                         "gluing to 0 (Latent-DPS) for this one.")
 
 
 # ------------------------------------------------------------------------------------------------ gluing term
@@ -124,7 +115,7 @@ def _gluing(z0_hat, image, aty, linear, adj, encoder, norm: str = "squared") -> 
 
 def _adjoint_of_measurement(y: torch.Tensor, image: torch.Tensor, adj) -> torch.Tensor:
     aty = adj(y, (y.shape[0], *image.shape[1:]))
-    if not isinstance(aty, torch.Tensor) or not batch_compatible(tuple(aty.shape), tuple(image.shape)):
+    if not isinstance(aty, torch.Tensor) or not core.batch_compatible(tuple(aty.shape), tuple(image.shape)):
         got = tuple(aty.shape) if isinstance(aty, torch.Tensor) else type(aty).__name__
         raise ValueError(
             f"PSLD adjoint: A^T(measurement) must be shaped like the decoded image {tuple(image.shape)} "
@@ -158,12 +149,12 @@ def psld_gluing_loss(z0_hat: torch.Tensor, *, measurement: torch.Tensor, degrada
 
 # ------------------------------------------------------------------------------------------------ solver
 
-class LatentDPSSolver(Solver):
+class LatentDPSSolver(core.Solver):
     """Loss ``||y - A(D(z0_hat))||`` (+ ``weight * glue`` for PSLD).  One decode per step is shared by both terms:
     the measurement term remembers the image it decoded for the ``z0_hat`` object it was given."""
 
     name = "Latent-DPS"
-    key = "silo"  # the callback's fields keep the names they had when this solver ran on SILO's loop
+    key = "latent_dps"
 
     def __init__(self, measurement, degradation, decoder, encoder=None, adjoint=None,
                  settings: LatentDPSSettings | None = None):
@@ -172,14 +163,15 @@ class LatentDPSSolver(Solver):
             got = type(measurement).__name__ if not isinstance(measurement, torch.Tensor) else "a 0-d tensor"
             raise ValueError("Latent-DPS needs measurement= (a pixel-space tensor shaped like "
                              f"degradation(decoder(latent))), got {got}")
-        require_callables("Latent-DPS", degradation=(degradation, "A(image) -> measurement, differentiable", False),
-                          decoder=(decoder, "D(latent) -> image, differentiable", False),
-                          encoder=(encoder, "E(image) -> latent", True),
-                          adjoint=(adjoint, "A^T(measurement) -> image", True))
+        core.require_callables("Latent-DPS",
+                               degradation=(degradation, "A(image) -> measurement, differentiable", False),
+                               decoder=(decoder, "D(latent) -> image, differentiable", False),
+                               encoder=(encoder, "E(image) -> latent", True),
+                               adjoint=(adjoint, "A^T(measurement) -> image", True))
         self.decoder, self.degradation, self.encoder = decoder, degradation, encoder
         self.weight, self.norm = settings.gluing_weight, settings.gluing_norm
-        self._loss = MeasurementLoss("Latent-DPS", measurement, degradation,
-                                     "degradation(decoder(z0_hat)) shape {shape}")
+        self._loss = core.MeasurementLoss("Latent-DPS", measurement, degradation,
+                                          "degradation(decoder(z0_hat)) shape {shape}")
         self._last = (None, None)  # (z0_hat, its decoded image) of the latest measurement-term call
         self._aty = None
         self.has_extra = self.weight > 0
@@ -212,7 +204,7 @@ class LatentDPSSolver(Solver):
         self._last = (None, None)
         with torch.inference_mode(False):
             if not torch.is_grad_enabled():  # report-only call (unguided step): plain tensors, no graph
-                z0, image = normal_tensor(z0), normal_tensor(image)
+                z0, image = core.normal_tensor(z0), core.normal_tensor(image)
             if self._aty is None:
                 self._aty = _adjoint_of_measurement(self._loss.y, image, self._adj)
             return self.weight * _gluing(z0, image, self._aty, self._linear, self._adj, self.encoder, self.norm)
@@ -224,12 +216,13 @@ def sample_latent_dps(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: 
                       encoder: Callable[[torch.Tensor], torch.Tensor] | None = None,
                       adjoint: Callable[[torch.Tensor], torch.Tensor] | None = None,
                       settings: LatentDPSSettings | None = None, trace: list | None = None, noise_sampler=None,
-                      progress: Progress | None = None, **options) -> torch.Tensor:
+                      progress: core.Progress | None = None, parameterization: Parameterization | str = "vp",
+                      **options) -> torch.Tensor:
     """Latent-DPS (``gluing = 0``) or PSLD (``gluing > 0``) guided sampling; KSAMPLER function.
 
     Args:
         model, x, sigmas, extra_args, callback, disable: as for :func:`~.silo.sample_silo` (the callback gets
-            ``silo_loss`` = the measurement term ``||y - A(D(z0_hat))||``).
+            ``latent_dps_loss`` = the measurement term ``||y - A(D(z0_hat))||``).
         measurement: pixel-space ``y`` shaped like ``degradation(decoder(z0_hat))``; batch 1 broadcasts.
         degradation: differentiable ``A(image)``; for the gluing term it must be linear (``is_linear`` not False)
             and have an adjoint (``adjoint=`` or ``degradation.A_adjoint``; the projection uses
@@ -239,14 +232,14 @@ def sample_latent_dps(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: 
         settings: a :class:`LatentDPSSettings`; ``**options`` are its fields by name laid over it (``gluing`` is
             PSLD's gamma, see the module docstring; ``grad_clamp`` 0/None and ``early_stop`` -1/None are off;
             ``eta_schedule`` may be a callable ``(i, sigma) -> factor``).
-        trace, noise_sampler, progress: as for :func:`~.silo.sample_silo`; with gluing each trace entry also has
+        trace, noise_sampler, progress, parameterization: as for :func:`~.silo.sample_silo`; with gluing each trace entry also has
             ``"extra_loss"`` = the gluing term as it enters the loss.
 
     Returns:
         The final latent (or ``z0_hat`` at ``early_stop``).
     """
-    settings, aside = split_options(LatentDPSSettings, settings, options)
+    settings, schedule = core.split_options(LatentDPSSettings, settings, options)
     solver = LatentDPSSolver(measurement, degradation, decoder, encoder, adjoint, settings)
-    return guided_sample(model, x, sigmas, extra_args, callback, disable, solver=solver,
-                         guidance=settings_guidance(settings, aside), trace=trace, noise_sampler=noise_sampler,
-                         progress=progress)
+    return core.guided_sample(model, x, sigmas, extra_args, callback, disable, solver=solver,
+                              guidance=core.Guidance.of(settings, parameterization, schedule), trace=trace,
+                              noise_sampler=noise_sampler, progress=progress)

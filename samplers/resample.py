@@ -54,18 +54,19 @@ import torch
 from ..config.fields import setting
 from .consistency import OPTIMIZERS, hard_consistency
 from .core import (
+    Guidance,
     GuidanceSettings,
     MeasurementLoss,
     Progress,
     Solver,
     StepState,
+    early_stop_field,
     guided_sample,
     normal_tensor,
     require_callables,
-    settings_guidance,
     split_options,
 )
-from .parameterization import get_parameterization
+from .parameterization import Parameterization, get_parameterization
 
 __all__ = ["OPTIMIZATION_MODES", "VARIANCE_SCHEDULES", "ReSampleSettings", "ReSampleSolver", "consistency_schedule",
            "resample_variance", "resample_weight", "sample_resample", "stochastic_resample"]
@@ -107,8 +108,7 @@ class ReSampleSettings(GuidanceSettings):
                              tooltip="DPS guidance every step, through the UNet and the decoder (the authors' code: "
                                      "0.5). 0 = plain DDIM between consistency steps: this pack's default, much "
                                      "cheaper.")
-    early_stop: int | None = setting(None, none_as=-1, min=-1, max=10000,
-                                     tooltip="-1: run to the end. k: return the denoised estimate at step k.")
+    early_stop: int | None = early_stop_field()
     consistency_start: int | None = setting(None, kind="int", min=0, widget=False,
                                             tooltip="First step eligible for consistency (default: a third in).")
     consistency_stop: int | None = setting(None, kind="int", min=0, widget=False,
@@ -121,6 +121,14 @@ class ReSampleSettings(GuidanceSettings):
                              tooltip="Optimiser of the consistency problem.")
     final_consistency: bool = setting(True, widget=False,
                                       tooltip="Optimise the final sample once more, as the authors' code does.")
+
+    def unet_gradient(self) -> bool:
+        """Only the optional DPS steps back-propagate through the UNet."""
+        return self.dps_eta > 0
+
+    def needs_encoder(self) -> bool:
+        """Pixel-space optimisation encodes the optimised image back (``auto`` and ``pixel``)."""
+        return True
 
 
 # ------------------------------------------------------------------------------------------- resampling maths
@@ -279,7 +287,7 @@ def sample_resample(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: di
                     encoder: Callable[[torch.Tensor], torch.Tensor] | None = None,
                     settings: ReSampleSettings | None = None, degradation_kwargs: dict | None = None,
                     trace: list | None = None, noise_sampler=None, progress: Progress | None = None,
-                    **options) -> torch.Tensor:
+                    parameterization: Parameterization | str = "vp", **options) -> torch.Tensor:
     """ReSample: DDIM + hard data consistency + stochastic resampling (KSAMPLER function; module docstring).
 
     Args:
@@ -297,14 +305,15 @@ def sample_resample(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: di
         noise_sampler: optional ``(sigma, sigma_next) -> noise`` for resampling; default ComfyUI's seeded one.
         progress: optional ``progress(phase, done, total)``: phase "step" after every step, "consistency" and
             "final consistency" after every optimiser iteration (raise from it to cancel).
+        parameterization: the model's noise parameterization (as for :func:`~.silo.sample_silo`).
 
     Returns:
         The final latent (or ``z0_hat`` at ``early_stop``).
     """
     settings, _ = split_options(ReSampleSettings, settings, options)
     solver = ReSampleSolver(measurement, degradation, decoder, encoder, sigmas, settings, degradation_kwargs)
-    alpha_bar = get_parameterization(settings.parameterization).alpha_bar
-    guidance = settings_guidance(settings, eta=settings.dps_eta, update="euler", gradient="unet", grad_clamp=None,
-                                 eta_schedule=lambda i, s: alpha_bar(s))  # dps_eta * abar(sigma_i)
+    param = get_parameterization(parameterization)
+    guidance = Guidance.of(settings, param, schedule=lambda i, s: param.alpha_bar(s),  # dps_eta * abar(sigma_i)
+                           eta=settings.dps_eta, update="euler", gradient="unet", grad_clamp=None)
     return guided_sample(model, x, sigmas, extra_args, callback, disable, solver=solver, guidance=guidance,
                          trace=trace, noise_sampler=noise_sampler, progress=progress)

@@ -29,21 +29,25 @@ from collections.abc import Callable
 
 import torch
 
-from ..config.fields import setting
 from .core import (
-    ETA_SCHEDULES,
-    GRADIENT_MODES,
+    Guidance,
     GuidanceSettings,
     MeasurementLoss,
+    Needs,
     Progress,
     Solver,
+    early_stop_field,
+    eta_field,
+    eta_schedule_field,
+    grad_clamp_field,
+    gradient_field,
     guided_sample,
     normal_tensor,
     require_callables,
-    settings_guidance,
     split_options,
+    update_field,
 )
-from .steps import UPDATES
+from .parameterization import Parameterization
 
 __all__ = ["SiloSettings", "SiloSolver", "sample_silo"]
 
@@ -53,23 +57,18 @@ class SiloSettings(GuidanceSettings):
     """SILO's settings, declared once: the node widgets (in this order), the CLI and validation derive from them."""
 
     OWNER = "SILO"
+    NEEDS = Needs(operator=True)
 
-    eta: float = setting(0.5, min=0.0, max=20.0, step=0.05,
-                         tooltip="Guidance strength η (paper: 0.5; 1.0 for inpainting; larger with fewer steps). 0 = "
-                                 "plain sampling.")
-    update: str = setting("ddpm", choices=tuple(UPDATES),
-                          tooltip="ddpm: the paper's ancestral DDPM step. euler: deterministic DDIM/Euler step.")
-    gradient: str = setting("unet", choices=GRADIENT_MODES,
-                            tooltip="unet: back-propagate through the UNet (the paper). x0: gradient at the denoised "
-                                    "estimate only — faster, much less VRAM.")
-    grad_clamp: float | None = setting(1.0, none_as=0.0, min=0.0, max=100.0, step=0.1,
-                                       tooltip="Element-wise gradient clamp (paper: 1.0); 0 = off.")
-    early_stop: int | None = setting(None, none_as=-1, min=-1, max=10000,
-                                     tooltip="-1: run to the end (perception-optimised). k: return the denoised "
-                                             "estimate at step k (smoother, distortion-optimised).")
-    eta_schedule: str = setting("constant", choices=ETA_SCHEDULES, widget=False,
-                                tooltip="constant (the paper), or sigma: η times the VP noise fraction "
-                                        "sqrt(1 − ᾱ) relative to the first step's (decays to 0).")
+    eta: float = eta_field(0.5, 20.0, "Guidance strength η (paper: 0.5; 1.0 for inpainting; larger with fewer "
+                                      "steps). 0 = plain sampling.")
+    update: str = update_field("ddpm: the paper's ancestral DDPM step. euler: deterministic DDIM/Euler step.")
+    gradient: str = gradient_field("unet: back-propagate through the UNet (the paper). x0: gradient at the denoised "
+                                   "estimate only — faster, much less VRAM.")
+    grad_clamp: float | None = grad_clamp_field(1.0, "Element-wise gradient clamp (paper: 1.0); 0 = off.")
+    early_stop: int | None = early_stop_field("-1: run to the end (perception-optimised). k: return the denoised "
+                                              "estimate at step k (smoother, distortion-optimised).")
+    eta_schedule: str = eta_schedule_field("constant (the paper), or sigma: η times the VP noise fraction "
+                                           "sqrt(1 − ᾱ) relative to the first step's (decays to 0).")
 
 
 class SiloSolver(Solver):
@@ -102,7 +101,8 @@ def sample_silo(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict |
                 disable=None, *, measurement: torch.Tensor, operator: Callable[..., torch.Tensor],
                 settings: SiloSettings | None = None, operator_kwargs: dict | None = None, trace: list | None = None,
                 noise_sampler=None, extra_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                progress: Progress | None = None, **options) -> torch.Tensor:
+                progress: Progress | None = None, parameterization: Parameterization | str = "vp",
+                **options) -> torch.Tensor:
     """SILO guided sampling (KSAMPLER function; see the module docstring and :mod:`.core` for the step).
 
     Args:
@@ -122,12 +122,14 @@ def sample_silo(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict |
         noise_sampler: optional ``(sigma, sigma_next) -> noise``; default ComfyUI's seeded sampler.
         extra_loss: optional differentiable ``z0_hat -> [B]`` added to the loss before the gradient.
         progress: optional ``progress(phase, done, total)`` called after every step.
+        parameterization: the model's noise parameterization (``"vp"``, ``"flow"`` or a
+            :class:`~.parameterization.Parameterization`; the node glue reads it from the model).
 
     Returns:
         The final sample (or ``z0_hat`` at ``early_stop``).
     """
-    settings, aside = split_options(SiloSettings, settings, options)
+    settings, schedule = split_options(SiloSettings, settings, options)
     solver = SiloSolver(measurement, operator, operator_kwargs, extra_loss)
     return guided_sample(model, x, sigmas, extra_args, callback, disable, solver=solver,
-                         guidance=settings_guidance(settings, aside), trace=trace, noise_sampler=noise_sampler,
-                         progress=progress)
+                         guidance=Guidance.of(settings, parameterization, schedule), trace=trace,
+                         noise_sampler=noise_sampler, progress=progress)

@@ -49,39 +49,45 @@ COMMON_NOTE = (
     "closer to the photo (less hallucinated detail)."
 )
 
+STEPS = 250
+# SILO's eta in the SD1.x graphs: an explicit override of its default (SiloSettings().eta, the paper's 0.5 at 999
+# steps). These graphs sample STEPS steps, and fewer steps need a stronger pull; inpainting twice as strong, as in the
+# paper. Every other SILO value of every graph is its settings' default.
+ETA, INPAINT_ETA = 1.0, 2.0
+
 # (file stem, title, degradation widgets, operator stem, eta, photo hint, extra note)
 TASKS = [
     ("silo_gaussian_deblur", "Gaussian deblur",
-     {"type": "gaussian_blur", "blur_kernel_size": 61, "blur_sigma": 3.0}, "gaussian_blur_sd15", 1.0,
+     {"type": "gaussian_blur", "blur_kernel_size": 61, "blur_sigma": 3.0}, "gaussian_blur_sd15", ETA,
      " (sides a multiple of 8, e.g. 512x512)", ""),
     ("silo_super_resolution_x4", "Super-resolution x4",
-     {"type": "super_resolution", "sr_factor": 4}, "super_resolution_x4_sd15", 1.0,
+     {"type": "super_resolution", "sr_factor": 4}, "super_resolution_x4_sd15", ETA,
      " (the SMALL photo, e.g. 128x128 for a 512x512 result; its sides times 4 must be multiples of 8)", ""),
     ("silo_super_resolution_x8", "Super-resolution x8",
-     {"type": "super_resolution", "sr_factor": 8}, "super_resolution_x8_sd15", 1.0,
+     {"type": "super_resolution", "sr_factor": 8}, "super_resolution_x8_sd15", ETA,
      " (the SMALL photo, e.g. 64x64 for a 512x512 result)", ""),
     ("silo_box_inpainting", "Box inpainting",
      {"type": "box_inpaint", "box_top": 128, "box_left": 128, "box_height": 256, "box_width": 256},
-     "box_inpaint_sd15", 2.0, " whose missing box is given by the Degradation node's box_* widgets (pixels)", ""),
+     "box_inpaint_sd15", INPAINT_ETA, " whose missing box is given by the Degradation node's box_* widgets (pixels)", ""),
     ("silo_mask_inpainting", "Mask inpainting (draw the mask)",
-     {"type": "mask_inpaint"}, "mask_inpaint_sd15", 2.0,
+     {"type": "mask_inpaint"}, "mask_inpaint_sd15", INPAINT_ETA,
      "; right-click it → Open in MaskEditor and paint the missing region (painted = missing)",
      "The operator must be trained for mask_inpaint (it then takes the mask as an extra input and works for any "
      "mask)."),
     ("silo_jpeg_restoration", "JPEG restoration",
-     {"type": "jpeg", "jpeg_quality": 10}, "jpeg_q10_sd15", 1.0, " (a heavily compressed JPEG)", ""),
+     {"type": "jpeg", "jpeg_quality": 10}, "jpeg_q10_sd15", ETA, " (a heavily compressed JPEG)", ""),
 ]
-STEPS = 250
 
 # Other model families (README "Model families"): what a user of each loads, and the settings to start from.
 SDXL_CHECKPOINT = "sd_xl_base_1.0.safetensors"
 FLUX_MODEL, FLUX_CLIP_L, FLUX_T5, FLUX_VAE = ("flux1-dev.safetensors", "clip_l.safetensors", "t5xxl_fp16.safetensors",
                                               "ae.safetensors")
 FLUX_GUIDANCE = 3.5
+# (their SILO settings, eta included, are SiloSettings' defaults)
 FAMILIES = {
-    "sdxl": {"label": "SDXL", "steps": 200, "eta": 0.5, "scheduler": "normal", "size": 1024, "batch": 4,
+    "sdxl": {"label": "SDXL", "steps": 200, "scheduler": "normal", "size": 1024, "batch": 4,
              "operator": "gaussian_blur_sdxl"},
-    "flux": {"label": "Flux", "steps": 50, "eta": 0.5, "scheduler": "simple", "size": 1024, "batch": 4,
+    "flux": {"label": "Flux", "steps": 50, "scheduler": "simple", "size": 1024, "batch": 4,
              "operator": "gaussian_blur_flux"},
 }
 BLUR = {"type": "gaussian_blur", "blur_kernel_size": 61, "blur_sigma": 3.0}
@@ -179,8 +185,23 @@ def _train_stem(family: str) -> str:
             else f"silo_{family}_train_operator_from_generated_images")
 
 
-def _restoration(b, title: str, deg_widgets: dict, operator_stem: str, eta: float, photo_hint: str,
-                 extra: str, compare: bool = False, family: str = "sd15") -> None:
+def settings_widgets(kind: str) -> dict:
+    """The widget values of a solver's (``silo``, ``latent_dps``, ``resample``) or the operator training's
+    (``train``) settings at their one declaration's defaults (``SiloSettings()``, ...). The graphs re-type none of
+    these values: where a graph wants another one, it overrides it, with its reason, where it builds the node."""
+    from comfyui_silo.operators.training import TrainSettings
+    from comfyui_silo.samplers.latent_dps import LatentDPSSettings
+    from comfyui_silo.samplers.resample import ReSampleSettings
+    from comfyui_silo.samplers.silo import SiloSettings
+
+    cls = {"silo": SiloSettings, "latent_dps": LatentDPSSettings, "resample": ReSampleSettings,
+           "train": TrainSettings}[kind]
+    return {s.name: s.widget_default for s in cls.specs() if s.widget}  # the declaration's defaults, as widgets show them
+
+
+def _restoration_note(operator_stem: str, eta: float, photo_hint: str, extra: str, compare: bool,
+                      family: str) -> tuple[str, int, str]:
+    """``(note, steps, scheduler)`` of a restoration graph."""
     steps, scheduler = STEPS, "normal"
     if family == "sd15":
         note = COMMON_NOTE.format(photo_hint=photo_hint, operator_stem=operator_stem, steps=STEPS, eta=eta)
@@ -199,85 +220,99 @@ def _restoration(b, title: str, deg_widgets: dict, operator_stem: str, eta: floa
                 + note.replace("the degraded photo" + photo_hint, "a clean photo"))
     if extra:
         note += "\n\n" + extra
-    if compare:
-        c0, c1, c2, c3, c4, c5, c6 = _columns(_top(note), 380, 360, 340, 380, 300, 380, 380)
-    else:
-        c0, c1, c2, c3, c4, c5 = _columns(_top(note), 380, 360, 340, 380, 380, 480)
-    model, clip, vae, positive, negative, model_nodes = _model_and_prompt(b, c0, family)
-    photo = b.node("LoadImage", c1, {"image": "example.png"}, title="Clean photo" if compare else
+    return note, steps, scheduler
+
+
+def _restoration(b, title: str, deg_widgets: dict, operator_stem: str, eta: float | None, photo_hint: str,
+                 extra: str, compare: bool = False, family: str = "sd15") -> None:
+    """A SILO restoration graph (``compare``: of a photo degraded in the graph, next to the two baselines).
+    ``eta``: SILO's, None for its settings' default."""
+    eta = settings_widgets("silo")["eta"] if eta is None else eta
+    note, steps, scheduler = _restoration_note(operator_stem, eta, photo_hint, extra, compare, family)
+    cols = _columns(_top(note), *((380, 360, 340, 380, 300, 380, 380) if compare else (380, 360, 340, 380, 380, 480)))
+    model, _clip, vae, positive, negative, model_nodes = _model_and_prompt(b, cols[0], family)
+    photo = b.node("LoadImage", cols[1], {"image": "example.png"}, title="Clean photo" if compare else
                    "Degraded photo", size=(360, 360))
-    deg = b.node("SILODegradation", c1, deg_widgets,
+    deg = b.node("SILODegradation", cols[1], deg_widgets,
                  {"mask": photo.out("MASK")} if deg_widgets["type"] == "mask_inpaint" else None)
+    applied = None
     if compare:
-        applied = b.node("SILOApplyDegradation", c1, {"noise_sigma": 0.01, "seed": 0},
+        applied = b.node("SILOApplyDegradation", cols[1], {"noise_sigma": 0.01, "seed": 0},
                          {"image": photo.out("IMAGE"), "degradation": deg.out("DEGRADATION")})
-        measured = applied.out("measurement")
-    else:
-        measured = photo.out("IMAGE")
-    enc = b.node("SILOEncodeMeasurement", c2, {"noise_sigma": 0.01},
-                 {"image": measured, "vae": vae, "degradation": deg.out("DEGRADATION")})
-    op = b.node("SILOLatentOperatorLoader", c2, {"operator_name": operator_stem + ".safetensors"})
-    ks = b.node("SILOKSampler", c3,
-                {"seed": 0, "steps": steps, "cfg": 1.0, "scheduler": scheduler, "denoise": 1.0, "eta": eta,
-                 "update": "ddpm", "gradient": "unet", "grad_clamp": 1.0, "early_stop": -1},
-                {"model": model, "positive": positive, "negative": negative,
-                 "latent_image": enc.out("LATENT"), "measurement": enc.out("MEASUREMENT"),
-                 "operator": op.out()})
-    dec = b.node("VAEDecode", c4, None, {"samples": ks.out("LATENT"), "vae": vae})
+    enc = b.node("SILOEncodeMeasurement", cols[2], {"noise_sigma": 0.01},
+                 {"image": applied.out("measurement") if compare else photo.out("IMAGE"), "vae": vae,
+                  "degradation": deg.out("DEGRADATION")})
+    op = b.node("SILOLatentOperatorLoader", cols[2], {"operator_name": operator_stem + ".safetensors"})
+    sampling = {"seed": 0, "steps": steps, "cfg": 1.0, "scheduler": scheduler, "denoise": 1.0}
+    common = {"model": model, "positive": positive, "negative": negative,
+              "latent_image": enc.out("LATENT"), "measurement": enc.out("MEASUREMENT")}
+    ks = b.node("SILOKSampler", cols[3], {**sampling, **settings_widgets("silo"), "eta": eta},
+                {**common, "operator": op.out()})
+    dec = b.node("VAEDecode", cols[4], None, {"samples": ks.out("LATENT"), "vae": vae})
     prefix = "silo/" + title.lower().split(" (")[0].replace(" ", "_").replace("-", "_")
-    groups = [("Model and prompt", model_nodes, PURPLE), ("Photo and degradation", [photo, deg], BROWN)]
+    groups = [("Model and prompt", model_nodes, PURPLE)]
     if compare:
-        stitch = {"direction": "right", "match_image_size": True, "spacing_width": 8, "spacing_color": "white"}
-        common = {"model": model, "positive": positive, "negative": negative,
-                  "latent_image": enc.out("LATENT"), "measurement": enc.out("MEASUREMENT"), "vae": vae}
-        dps = b.node("SILOLatentDPSKSampler", c3,
-                     {"seed": 0, "steps": steps, "cfg": 1.0, "scheduler": scheduler, "denoise": 1.0, "eta": 1.0,
-                      "gluing": 0.0, "update": "ddpm", "gradient": "unet", "grad_clamp": 0.0, "early_stop": -1},
-                     common, title="Latent DPS (baseline)")
-        rs = b.node("SILOReSampleKSampler", c3,
-                    {"seed": 0, "steps": steps, "cfg": 1.0, "scheduler": scheduler, "denoise": 1.0,
-                     "consistency_every": 10, "latent_steps": 500, "lr": 5e-3, "optimization": "auto",
-                     "pixel_steps": 2000, "tolerance": 1e-3, "gamma": 40.0,
-                     "variance": "paper", "dps_eta": 0.0, "early_stop": -1}, common, title="ReSample (baseline)")
-        dec_dps = b.node("VAEDecode", c4, None, {"samples": dps.out("LATENT"), "vae": vae})
-        dec_rs = b.node("VAEDecode", c4, None, {"samples": rs.out("LATENT"), "vae": vae})
-        left = b.node("ImageStitch", c4, stitch, {"image1": photo.out("IMAGE"),
-                                                  "image2": applied.out("upsampled")},
-                      title="original | degraded")
-        both = b.node("ImageStitch", c4, stitch, {"image1": left.out(), "image2": dec.out()},
-                      title="+ SILO")
-        plus_dps = b.node("ImageStitch", c4, stitch, {"image1": both.out(), "image2": dec_dps.out()},
-                          title="+ Latent DPS")
-        plus_rs = b.node("ImageStitch", c4, stitch, {"image1": plus_dps.out(), "image2": dec_rs.out()},
-                         title="original | degraded | SILO | Latent DPS | ReSample")
-        b.node("SaveImage", c5, {"filename_prefix": prefix}, {"images": plus_rs.out()}, size=(380, 300))
-        b.node("SaveImage", c5, {"filename_prefix": prefix + "_silo"}, {"images": dec.out()},
-               size=(380, 360))
-        for label, img in (("SILO", dec), ("Latent DPS", dec_dps), ("ReSample", dec_rs)):
-            b.node("SILORestorationMetrics", c6, None,
-                   {"image": img.out(), "reference": photo.out("IMAGE"), "measurement": enc.out("MEASUREMENT")},
-                   title=f"Metrics: {label}")
-        groups[1] = ("Photo and degradation", [photo, deg, applied], BROWN)
-        groups.append(("Restore: SILO and two baselines", [enc, op, ks, dps, rs], GREEN))
+        dps, rs = _baselines(b, cols[3], sampling, {**common, "vae": vae})
+        decoded = [dec, *(b.node("VAEDecode", cols[4], None, {"samples": n.out("LATENT"), "vae": vae})
+                          for n in (dps, rs))]
+        _compare_outputs(b, cols[4:], prefix, photo, applied, enc, decoded)
+        groups += [("Photo and degradation", [photo, deg, applied], BROWN),
+                   ("Restore: SILO and two baselines", [enc, op, ks, dps, rs], GREEN)]
     else:
-        # the restoration is image1 and the photo is stitched to its left: ImageStitch scales image2, so the
-        # preview keeps the restored size (a x8 photo is scaled up, never the restoration down)
-        side = b.node("ImageStitch", c4, {"direction": "left", "match_image_size": True,
-                                          "spacing_width": 8, "spacing_color": "white"},
-                      {"image1": dec.out(), "image2": photo.out("IMAGE")}, title="photo | restored")
-        b.node("SILOTracePlot", c4, None, {"trace": ks.out("trace")}, title="Consistency per step",
-               size=(380, 300))
-        b.node("SaveImage", c5, {"filename_prefix": prefix}, {"images": dec.out()}, size=(480, 360))
-        b.node("PreviewImage", c5, None, {"images": side.out()}, size=(480, 300))
-        b.node("SILORestorationMetrics", c5, None, {"image": dec.out(), "measurement": enc.out("MEASUREMENT")},
-               title="Consistency with the photo")
-        groups.append(("SILO restoration", [enc, op, ks], GREEN))
+        _restoration_outputs(b, cols[4:], prefix, photo, enc, ks, dec)
+        groups += [("Photo and degradation", [photo, deg], BROWN), ("SILO restoration", [enc, op, ks], GREEN)]
     b.note(note, (0, 80), size=(NOTE_WIDTH, 0), title=f"SILO: {title}")
     for name, refs, color in groups:
         b.group_around(name, refs, color)
 
 
+def _baselines(b, col, sampling: dict, inputs: dict) -> tuple:
+    """Latent DPS and ReSample (no operator, the VAE in every step) at their settings' defaults, on the inputs SILO
+    gets."""
+    dps = b.node("SILOLatentDPSKSampler", col, {**sampling, **settings_widgets("latent_dps")}, inputs,
+                 title="Latent DPS (baseline)")
+    rs = b.node("SILOReSampleKSampler", col, {**sampling, **settings_widgets("resample")}, inputs,
+                title="ReSample (baseline)")
+    return dps, rs
+
+
+def _compare_outputs(b, cols, prefix: str, photo, applied, enc, decoded: list) -> None:
+    """original | degraded | SILO | Latent DPS | ReSample, saved, and the metrics of each restoration."""
+    c4, c5, c6 = cols
+    dec, dec_dps, dec_rs = decoded
+    stitch = {"direction": "right", "match_image_size": True, "spacing_width": 8, "spacing_color": "white"}
+    left = b.node("ImageStitch", c4, stitch, {"image1": photo.out("IMAGE"), "image2": applied.out("upsampled")},
+                  title="original | degraded")
+    both = b.node("ImageStitch", c4, stitch, {"image1": left.out(), "image2": dec.out()}, title="+ SILO")
+    plus_dps = b.node("ImageStitch", c4, stitch, {"image1": both.out(), "image2": dec_dps.out()},
+                      title="+ Latent DPS")
+    plus_rs = b.node("ImageStitch", c4, stitch, {"image1": plus_dps.out(), "image2": dec_rs.out()},
+                     title="original | degraded | SILO | Latent DPS | ReSample")
+    b.node("SaveImage", c5, {"filename_prefix": prefix}, {"images": plus_rs.out()}, size=(380, 300))
+    b.node("SaveImage", c5, {"filename_prefix": prefix + "_silo"}, {"images": dec.out()}, size=(380, 360))
+    for label, img in (("SILO", dec), ("Latent DPS", dec_dps), ("ReSample", dec_rs)):
+        b.node("SILORestorationMetrics", c6, None,
+               {"image": img.out(), "reference": photo.out("IMAGE"), "measurement": enc.out("MEASUREMENT")},
+               title=f"Metrics: {label}")
+
+
+def _restoration_outputs(b, cols, prefix: str, photo, enc, ks, dec) -> None:
+    """The restoration saved, next to the photo, its consistency per step and its consistency with the photo."""
+    c4, c5 = cols
+    # the restoration is image1 and the photo is stitched to its left: ImageStitch scales image2, so the
+    # preview keeps the restored size (a x8 photo is scaled up, never the restoration down)
+    side = b.node("ImageStitch", c4, {"direction": "left", "match_image_size": True,
+                                      "spacing_width": 8, "spacing_color": "white"},
+                  {"image1": dec.out(), "image2": photo.out("IMAGE")}, title="photo | restored")
+    b.node("SILOTracePlot", c4, None, {"trace": ks.out("trace")}, title="Consistency per step", size=(380, 300))
+    b.node("SaveImage", c5, {"filename_prefix": prefix}, {"images": dec.out()}, size=(480, 360))
+    b.node("PreviewImage", c5, None, {"images": side.out()}, size=(480, 300))
+    b.node("SILORestorationMetrics", c5, None, {"image": dec.out(), "measurement": enc.out("MEASUREMENT")},
+           title="Consistency with the photo")
+
+
 def _train_note(family: str) -> str:
+    recipe = "{steps} steps on a pool of {pool_size} encoded pairs".format(**settings_widgets("train"))
     if family == "sd15":
         return (
             "Train a latent operator from images your own checkpoint generates (no dataset needed).\n"
@@ -293,8 +328,7 @@ def _train_note(family: str) -> str:
             "shows on the node how well it emulates the blur on held-out images: its error next to two trivial "
             "baselines, decoded with your VAE next to the VAE's own limit, and a verdict (good / usable / WARNING); "
             "the chart (Training curve) shows the held-out error falling below the baselines.\n\n"
-            "The settings are the measured defaults: 1000 steps on a pool of 512 encoded pairs take a minute or two on "
-            "a GPU. More steps and more varied images improve a 'usable' operator. A folder of real photos works "
+            f"The settings are the measured defaults: {recipe} take a minute or two on a GPU. More steps and more varied images improve a 'usable' operator. A folder of real photos works "
             "too: `python -m comfyui_silo train-operator`.")
     fam = FAMILIES[family]
     sampling = {"sdxl": "25 steps at CFG 7",
@@ -312,8 +346,7 @@ def _train_note(family: str) -> str:
         "existing name gets _2) and shows on the node how well it emulates the blur on held-out images (its error "
         "next to two trivial baselines, decoded next to the VAE's own limit, and a verdict); the chart (Training "
         "curve) shows the held-out error falling below the baselines.\n\n"
-        "The settings are the measured defaults: 1000 steps on a pool of 512 encoded pairs. More steps and more "
-        "varied images improve a 'usable' operator. A folder of real photos works too: `python -m comfyui_silo "
+        f"The settings are the measured defaults: {recipe}. More steps and more varied images improve a 'usable' operator. A folder of real photos works too: `python -m comfyui_silo "
         f"train-operator` with the {fam['label']} checkpoint.")
 
 
@@ -358,11 +391,8 @@ def train_workflow(b, family: str = "sd15") -> None:
     images = b.node("ImageBatch", c2, None, {"image1": decoded[0].out(), "image2": decoded[1].out()})
     preview = b.node("PreviewImage", c2, None, {"images": images.out()}, size=(360, 360))
     # the training widgets at their one declaration's defaults (TrainSettings: the measured recipe, BENCHMARKS.md)
-    from comfyui_silo.operators.training import TrainSettings
-
-    defaults = TrainSettings().widget_values()
     train = b.node("SILOTrainLatentOperator", c3,
-                   {**{s.name: defaults[s.name] for s in TrainSettings.specs() if s.widget},
+                   {**settings_widgets("train"),
                     "filename": "gaussian_blur_sd15" if family == "sd15" else FAMILIES[family]["operator"]},
                    {"images": images.out(), "model": model, "vae": vae})
     deg = b.node("SILODegradation", c3, BLUR)
@@ -388,18 +418,17 @@ def uncertainty_workflow(b) -> None:
         "mean explains the photo (consistency next to the noise floor).\n\n"
         "Swap the SILO Sampler for Latent DPS / PSLD Sampler or ReSample Sampler (no operator needed, much slower) to "
         "compare how sure each solver is. More seeds give a steadier map; 4 is a quick look, 16+ a report. "
-        f"{STEPS} DDPM steps with eta 1.0 at CFG 1 (Basic Guider) as in the other workflows.")
+        f"{STEPS} DDPM steps with eta {ETA} at CFG 1 (Basic Guider) as in the other workflows.")
     c0, c1, c2, c3, c4, c5 = _columns(_top(text), 380, 360, 340, 360, 380, 380)
     ckpt = b.node("CheckpointLoaderSimple", c0, {"ckpt_name": CHECKPOINT})
     pos = b.node("CLIPTextEncode", c0, {"text": POSITIVE}, {"clip": ckpt.out("CLIP")}, title="Positive",
                  size=(380, 130))
     photo = b.node("LoadImage", c1, {"image": "example.png"}, title="Degraded photo", size=(360, 360))
-    deg = b.node("SILODegradation", c1, {"type": "gaussian_blur", "blur_kernel_size": 61, "blur_sigma": 3.0})
+    deg = b.node("SILODegradation", c1, BLUR)
     enc = b.node("SILOEncodeMeasurement", c2, {"noise_sigma": 0.01},
                  {"image": photo.out("IMAGE"), "vae": ckpt.out("VAE"), "degradation": deg.out("DEGRADATION")})
     op = b.node("SILOLatentOperatorLoader", c2, {"operator_name": "gaussian_blur_sd15.safetensors"})
-    sampler = b.node("SILOSampler", c2,
-                     {"eta": 1.0, "update": "ddpm", "gradient": "unet", "grad_clamp": 1.0, "early_stop": -1},
+    sampler = b.node("SILOSampler", c2, {**settings_widgets("silo"), "eta": ETA},
                      {"model": ckpt.out("MODEL"), "measurement": enc.out("MEASUREMENT"), "operator": op.out()})
     guider = b.node("BasicGuider", c3, None, {"model": ckpt.out("MODEL"), "conditioning": pos.out()})
     sigmas = b.node("BasicScheduler", c3, {"scheduler": "normal", "steps": STEPS, "denoise": 1.0},
@@ -429,15 +458,12 @@ def workflow_specs() -> dict[str, tuple[str, Callable]]:
     specs["silo_train_operator_from_generated_images"] = ("Train an operator from generated images", train_workflow)
     specs["silo_degrade_restore_compare"] = (
         "Degrade, restore and compare",
-        lambda b: _restoration(b, "Degrade restore compare", {"type": "gaussian_blur", "blur_kernel_size": 61,
-                                                              "blur_sigma": 3.0},
-                               "gaussian_blur_sd15", 1.0, "", "", compare=True))
+        lambda b: _restoration(b, "Degrade restore compare", BLUR, "gaussian_blur_sd15", ETA, "", "", compare=True))
     specs["silo_uncertainty"] = ("Uncertainty from several seeds", uncertainty_workflow)
     for family, fam in FAMILIES.items():
         title = f"{fam['label']} Gaussian deblur"
         specs[f"silo_{family}_gaussian_deblur"] = (
-            title, lambda b, t=title, f=family, o=fam["operator"], e=fam["eta"]: _restoration(
-                b, t, BLUR, o, e, "", "", family=f))
+            title, lambda b, t=title, f=family, o=fam["operator"]: _restoration(b, t, BLUR, o, None, "", "", family=f))
         specs[_train_stem(family)] = (f"Train an operator for {fam['label']}",
                                       lambda b, f=family: train_workflow(b, f))
     return specs
@@ -478,61 +504,81 @@ def _to_pil(t):
     return Image.fromarray(arr)
 
 
-def make_thumbnail(stem: str, title: str) -> None:
-    import torch
-    from PIL import Image, ImageDraw
-
-    from comfyui_silo.operators.charts import font
-    from comfyui_silo.operators.degradations import add_noise, build_degradation
-
-    W, H, P = 512, 320, 256
-    canvas = Image.new("RGB", (W, H), (28, 30, 36))
-    draw = ImageDraw.Draw(canvas)
-    x = _photo(P)
-    specs = {
-        "silo_gaussian_deblur": {"type": "gaussian_blur", "kernel_size": 61, "sigma": 3.0},
+def _thumbnail_degradation(stem: str) -> dict:
+    """The degradation a restoration graph's thumbnail shows (box and mask sized for the 256 px photo)."""
+    blur = {"type": "gaussian_blur", "kernel_size": 61, "sigma": 3.0}
+    return {
+        "silo_gaussian_deblur": blur,
         "silo_super_resolution_x4": {"type": "super_resolution", "factor": 4},
         "silo_super_resolution_x8": {"type": "super_resolution", "factor": 8},
         "silo_box_inpainting": {"type": "box_inpaint", "top": 64, "left": 64, "height": 128, "width": 128},
         "silo_mask_inpainting": {"type": "mask_inpaint"},
         "silo_jpeg_restoration": {"type": "jpeg", "quality": 10},
-        "silo_degrade_restore_compare": {"type": "gaussian_blur", "kernel_size": 61, "sigma": 3.0},
-        "silo_uncertainty": {"type": "gaussian_blur", "kernel_size": 61, "sigma": 3.0},
-        **{f"silo_{family}_gaussian_deblur": {"type": "gaussian_blur", "kernel_size": 61, "sigma": 3.0}
-           for family in FAMILIES},
-    }
-    if stem.endswith("train_operator_from_generated_images"):
-        from skimage import data, transform
+        "silo_degrade_restore_compare": blur,
+        "silo_uncertainty": blur,
+        **{f"silo_{family}_gaussian_deblur": blur for family in FAMILIES},
+    }[stem]
 
-        tiles = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket()]
-        for i, im in enumerate(tiles):
-            side = min(im.shape[:2])
-            im = transform.resize(im[:side, :side] / 255.0, (120, 120), anti_aliasing=True)
-            t = torch.from_numpy(im.copy()).permute(2, 0, 1)[None].float()
-            canvas.paste(_to_pil(t), (16 + 124 * (i % 2), 40 + 124 * (i // 2)))
-        draw.text((16, 10), "training images", font=font(15, bold=True), fill=(230, 230, 230))
-        label = ["H(E(x)) ≈ E(A(x))", "", "Train Latent", "Operator", "", "→ models/", "latent_operators/"]
+
+def _draw_training_images(canvas, draw) -> list[str]:
+    """Four photos where a training graph's generated images go; returns the node list's lines."""
+    import torch
+    from skimage import data, transform
+
+    from comfyui_silo.operators.charts import font
+
+    tiles = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket()]
+    for i, im in enumerate(tiles):
+        side = min(im.shape[:2])
+        im = transform.resize(im[:side, :side] / 255.0, (120, 120), anti_aliasing=True)
+        t = torch.from_numpy(im.copy()).permute(2, 0, 1)[None].float()
+        canvas.paste(_to_pil(t), (16 + 124 * (i % 2), 40 + 124 * (i // 2)))
+    draw.text((16, 10), "training images", font=font(15, bold=True), fill=(230, 230, 230))
+    return ["H(E(x)) ≈ E(A(x))", "", "Train Latent", "Operator", "", "→ models/", "latent_operators/"]
+
+
+def _draw_degraded_photo(canvas, draw, stem: str, size: int) -> list[str]:
+    """The photo, its right half degraded as the graph's degradation does it; returns the node list's lines."""
+    import torch
+
+    from comfyui_silo.operators.charts import font
+    from comfyui_silo.operators.degradations import add_noise, build_degradation
+
+    spec, x = _thumbnail_degradation(stem), _photo(size)
+    mask = None
+    if spec["type"] == "mask_inpaint":
+        yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+        mask = (((xx - 150) ** 2 / 60 ** 2 + (yy - 110) ** 2 / 35 ** 2) < 1).float()[None, None]
+    deg = build_degradation(spec, mask=mask)
+    with torch.no_grad():
+        y = add_noise(deg(x), 0.01, seed=0).clamp(0, 1)
+        shown = deg.lift(y, size=(size, size)).clamp(0, 1) if spec["type"] == "super_resolution" else y
+        if spec["type"] == "super_resolution":  # show the pixels, not the bicubic upsampling
+            shown = torch.nn.functional.interpolate(y, size=(size, size), mode="nearest")
+    canvas.paste(_to_pil(x[:, :, :, : size // 2]), (0, 40))
+    canvas.paste(_to_pil(shown[:, :, :, size // 2:]), (size // 2, 40))
+    draw.line([(size // 2, 40), (size // 2, 40 + size)], fill=(255, 255, 255), width=2)
+    draw.text((8, 10), "photo", font=font(15, bold=True), fill=(230, 230, 230))
+    short = {"gaussian_blur": "blur σ=3", "super_resolution": f"low-res ×{spec.get('factor')}",
+             "box_inpaint": "missing box", "mask_inpaint": "missing (mask)", "jpeg": "JPEG q=10"}
+    draw.text((size // 2 + 8, 10), short[spec["type"]], font=font(15, bold=True), fill=(230, 230, 230))
+    if stem == "silo_uncertainty":
+        return ["SILO Sampler", "", "Restore with", "N Seeds", "", "→ mean", "→ uncertainty", "    heat map"]
+    return ["Encode", "Measurement", "", "Latent", "Degradation", "Operator", "", "SILO KSampler"]
+
+
+def make_thumbnail(stem: str, title: str) -> None:
+    from PIL import Image, ImageDraw
+
+    from comfyui_silo.operators.charts import font
+
+    W, H, P = 512, 320, 256
+    canvas = Image.new("RGB", (W, H), (28, 30, 36))
+    draw = ImageDraw.Draw(canvas)
+    if stem.endswith("train_operator_from_generated_images"):
+        label = _draw_training_images(canvas, draw)
     else:
-        mask = None
-        if specs[stem]["type"] == "mask_inpaint":
-            yy, xx = torch.meshgrid(torch.arange(P), torch.arange(P), indexing="ij")
-            mask = (((xx - 150) ** 2 / 60 ** 2 + (yy - 110) ** 2 / 35 ** 2) < 1).float()[None, None]
-        deg = build_degradation(specs[stem], mask=mask)
-        with torch.no_grad():
-            y = add_noise(deg(x), 0.01, seed=0).clamp(0, 1)
-            shown = deg.lift(y, size=(P, P)).clamp(0, 1) if specs[stem]["type"] == "super_resolution" else y
-            if specs[stem]["type"] == "super_resolution":  # show the pixels, not the bicubic upsampling
-                shown = torch.nn.functional.interpolate(y, size=(P, P), mode="nearest")
-        canvas.paste(_to_pil(x[:, :, :, : P // 2]), (0, 40))
-        canvas.paste(_to_pil(shown[:, :, :, P // 2:]), (P // 2, 40))
-        draw.line([(P // 2, 40), (P // 2, 40 + P)], fill=(255, 255, 255), width=2)
-        draw.text((8, 10), "photo", font=font(15, bold=True), fill=(230, 230, 230))
-        short = {"gaussian_blur": "blur σ=3", "super_resolution": f"low-res ×{specs[stem].get('factor')}",
-                 "box_inpaint": "missing box", "mask_inpaint": "missing (mask)", "jpeg": "JPEG q=10"}
-        draw.text((P // 2 + 8, 10), short[specs[stem]["type"]], font=font(15, bold=True), fill=(230, 230, 230))
-        label = ["Encode", "Measurement", "", "Latent", "Degradation", "Operator", "", "SILO KSampler"]
-        if stem == "silo_uncertainty":
-            label = ["SILO Sampler", "", "Restore with", "N Seeds", "", "→ mean", "→ uncertainty", "    heat map"]
+        label = _draw_degraded_photo(canvas, draw, stem, P)
     family = next((f for f in FAMILIES if stem.startswith(f"silo_{f}_")), None)
     if family:  # the model family the graph loads, on top of the node list
         label = [f"[{FAMILIES[family]['label']}]", *label]
@@ -557,11 +603,11 @@ def fetch_object_info(comfyui: str) -> dict:
 
 
 def main(argv=None) -> int:
-    import os
+    from comfyui_silo.tools.host_process import comfyui_path
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--object-info", help="a saved /object_info JSON (default: start a headless host)")
-    p.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH") or os.path.expanduser("~/ComfyUI"))
+    p.add_argument("--comfyui", default=str(comfyui_path()), help="ComfyUI checkout (default $COMFYUI_PATH)")
     p.add_argument("--thumbnails-only", action="store_true")
     p.add_argument("--no-thumbnails", action="store_true", help="write the .json files only")
     args = p.parse_args(argv)

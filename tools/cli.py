@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -13,29 +12,23 @@ import torch
 from ..config.fields import add_cli_arguments
 from ..operators.degradations import STANDARD_DEGRADATIONS, build_degradation
 from ..operators.training import TrainSettings
+from .host_process import HostNotFoundError, comfyui_path, import_host
+from .random_checkpoint import SD15_LATENT_FORMAT
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
 def default_comfyui_path() -> str:
-    return os.environ.get("COMFYUI_PATH") or os.path.expanduser("~/ComfyUI")
+    return str(comfyui_path())
 
 
-def bootstrap_host(comfyui: str, cpu: bool = False):
-    """Import ComfyUI from a checkout (its own argument parser stays off)."""
-    root = Path(comfyui).expanduser().resolve()
-    if not (root / "comfy").is_dir():
-        raise SystemExit(f"error: no ComfyUI checkout at {root} (pass --comfyui PATH or set COMFYUI_PATH)")
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    import comfy.options
-
-    comfy.options.args_parsing = False
-    import comfy.cli_args
-
-    if cpu or not torch.cuda.is_available():
-        comfy.cli_args.args.cpu = True
-    return root
+def bootstrap_host(comfyui: str, cpu: bool = False) -> Path:
+    """Import ComfyUI from a checkout (:func:`~comfyui_silo.tools.host_process.import_host`); a missing checkout is
+    a command-line error."""
+    try:
+        return import_host(comfyui, cpu=cpu)
+    except HostNotFoundError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def parse_degradation(text: str) -> dict:
@@ -131,7 +124,7 @@ def cmd_train_operator(args) -> int:
 def cmd_import_reference(args) -> int:
     from ..operators.reference import import_reference_operator
 
-    latent = {"name": "SD15", "latent_channels": 4, "scale_factor": 0.18215, "shift_factor": 0.0, "downscale": 8}
+    latent = dict(SD15_LATENT_FORMAT)
     if args.latent_format:
         latent = json.loads(args.latent_format)
     import_reference_operator(args.pt, args.out, degradation=parse_degradation(args.degradation),
@@ -216,7 +209,6 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "ComfyUI/models/latent_operators/blur_sd15.safetensors")
     # every training setting, from its one declaration (TrainSettings): --steps, --batch-size, --learning-rate, ...
     add_cli_arguments(t, TrainSettings)
-    t.add_argument("--lr", dest="learning_rate", type=float, default=None, help=argparse.SUPPRESS)  # earlier name
     t.add_argument("--max-images", type=int, default=None, help="use at most this many images of the folder")
     t.add_argument("--state", default=None, help="save a resumable training state here")
     t.add_argument("--resume", default=None, help="resume from a state saved with --state")

@@ -11,21 +11,16 @@ import contextlib
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.error
-import urllib.request
 from pathlib import Path
 
+from .host_process import comfyui_path, import_host
+from .runner import PACK_FOLDER_NAME, ComfyRunner, RunnerError, free_port  # noqa: F401  (free_port: re-exported)
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-PACK_FOLDER_NAME = "comfyui-silo"
-
-
-def comfyui_path() -> Path:
-    return Path(os.environ.get("COMFYUI_PATH") or "~/ComfyUI").expanduser().resolve()
 
 
 def host_problem() -> str | None:
@@ -117,18 +112,12 @@ def make_base_directory(base: Path, checkpoints: list[Path]) -> Path:
 class InProcessHost:
     """The real ComfyUI imported into this process, custom nodes loaded the way the server loads them."""
 
-    def __init__(self, base: Path):
+    def __init__(self, base: Path, cpu: bool = True):
+        """``cpu``: the test tiers run on the CPU; False keeps a GPU when there is one (the benchmarks)."""
         self.base = base
-        path = str(comfyui_path())
-        if path not in sys.path:
-            sys.path.insert(0, path)
-        import comfy.options
-
-        comfy.options.args_parsing = False
+        import_host(comfyui_path(), cpu=cpu, base_directory=base)
         import comfy.cli_args
 
-        comfy.cli_args.args.cpu = True
-        comfy.cli_args.args.base_directory = str(base)
         comfy.cli_args.args.disable_all_custom_nodes = False
         import folder_paths
 
@@ -173,56 +162,27 @@ class InProcessHost:
             return tuple(out)
 
 
-def free_port() -> int:
-    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerHost:
-    """A real ``python main.py --cpu`` server on a free loopback port, stopped by its PID at teardown."""
+class ServerHost(ComfyRunner):
+    """A real ``python main.py --cpu`` server on a free loopback port, for the test tiers: the server plumbing
+    (process group, port, log file, readiness, shutdown) is :class:`ComfyRunner`'s; this adds the tests' flavour of
+    HTTP (failures are ``AssertionError``s) and starts at once. The base directory holds the pack already
+    (:func:`make_base_directory`), so nothing is linked in and the pack's loading is not checked here."""
 
     def __init__(self, base: Path, log_path: Path, boot_timeout: float = 180.0):
-        self.base = base
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        self._log = open(log_path, "w")
-        cmd = [sys.executable, str(comfyui_path() / "main.py"), "--cpu", "--listen", "127.0.0.1",
-               "--port", str(self.port), "--base-directory", str(base), "--disable-auto-launch",
-               "--dont-print-server"]
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen(cmd, cwd=str(comfyui_path()), stdout=self._log, stderr=subprocess.STDOUT,
-                                     env=env, start_new_session=True)
-        deadline = time.time() + boot_timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"ComfyUI exited during start (code {self.proc.returncode}):\n{self.log_tail()}")
-            try:
-                self.get("/system_stats", timeout=2)
-                return
-            except (urllib.error.URLError, ConnectionError, OSError):
-                time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"ComfyUI did not answer within {boot_timeout:.0f} s:\n{self.log_tail()}")
-
-    def log_tail(self, n: int = 60) -> str:
-        self._log.flush()
+        super().__init__(comfyui_path(), base_directory=base, cpu=True, pack_dir=None, log_path=log_path,
+                         boot_timeout=boot_timeout, require_pack=False, extra_args=["--dont-print-server"],
+                         progress=False)
         try:
-            return "\n".join(Path(self.log_path).read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
+            self.start()
+        except RunnerError as e:  # with the log tail in the message, where pytest shows it
+            raise RuntimeError(f"{e}:\n{e.details}") from None
 
     def get(self, path: str, timeout: float = 30):
-        with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
-            return json.loads(r.read().decode())
+        return self.get_json(path, timeout=timeout)
 
     def post(self, path: str, payload: dict, timeout: float = 30):
-        req = urllib.request.Request(self.url + path, data=json.dumps(payload).encode(),
-                                     headers={"Content-Type": "application/json"})
         try:
-            with urllib.request.urlopen(req, timeout=timeout) as r:
-                return json.loads(r.read().decode())
+            return self.post_json(path, payload, timeout=timeout)
         except urllib.error.HTTPError as e:
             raise AssertionError(f"POST {path} -> {e.code}: {e.read().decode(errors='replace')}") from None
 
@@ -240,21 +200,9 @@ class ServerHost:
                     raise AssertionError(f"prompt failed: {json.dumps(msgs, indent=1)[:4000]}")
                 return entry
             if self.proc.poll() is not None:
-                raise RuntimeError(f"ComfyUI died while running the prompt:\n{self.log_tail()}")
+                raise RuntimeError(f"ComfyUI died while running the prompt:\n{self.log_tail(60)}")
             time.sleep(0.5)
-        raise TimeoutError(f"prompt {pid} did not finish in {timeout:.0f} s:\n{self.log_tail()}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
-        self._log.close()
+        raise TimeoutError(f"prompt {pid} did not finish in {timeout:.0f} s:\n{self.log_tail(60)}")
 
 
 def copy_into_input(base: Path, src: Path) -> str:

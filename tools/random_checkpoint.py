@@ -62,7 +62,6 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 
 FULL_UNET = {
@@ -123,6 +122,10 @@ FAMILIES = {
     "flux": {"config": "Flux", "model_type": "FLUX", "latent_format": "Flux", "channels": 16},
 }
 VARIANTS = (*FAMILIES, "clip_l")
+#: The SD1.x latent space (ComfyUI's ``SD15`` latent format: the ``small``, ``full`` and ``sd21v`` variants', the
+#: SILO paper's operators') as an operator file records it; copy it (``dict(SD15_LATENT_FORMAT)``) before changing it.
+SD15_LATENT_FORMAT = {"name": "SD15", "latent_channels": 4, "scale_factor": 0.18215, "shift_factor": 0.0,
+                      "downscale": 8}
 
 
 def _randomise_(module, generator):
@@ -283,6 +286,16 @@ def measure(path: str, variant: str, latent_size: int = 32) -> dict:
             f"forward_s_at_{latent_size}": round(fwd, 2), f"forward_backward_s_at_{latent_size}": round(fwd_bwd, 2)}
 
 
+def _host_process():
+    """tools/host_process.py, the one way to import the host, whether this file runs as a script (its folder is then
+    the first on ``sys.path``) or is imported from the package."""
+    try:
+        from . import host_process
+    except ImportError:
+        import host_process
+    return host_process
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", choices=VARIANTS, default="small")
@@ -291,15 +304,14 @@ def main(argv=None) -> int:
     parser.add_argument("--measure", action="store_true",
                         help="after building (or when --out exists), load it with the host's loader, check the "
                              "detected family and time a forward and a forward+backward at a 32x32 latent")
-    parser.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH", os.path.expanduser("~/ComfyUI")))
+    host_process = _host_process()
+    parser.add_argument("--comfyui", default=str(host_process.comfyui_path()),
+                        help="ComfyUI checkout (default $COMFYUI_PATH, else ~/ComfyUI)")
     args = parser.parse_args(argv)
-    sys.path.insert(0, os.path.abspath(args.comfyui))
-    import comfy.options
-
-    comfy.options.args_parsing = False
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = True
+    try:
+        host_process.import_host(args.comfyui, cpu=True)
+    except host_process.HostNotFoundError as e:
+        parser.error(str(e))
     if not (args.measure and os.path.isfile(args.out)):
         t0 = time.time()
         build(args.variant, args.out, args.seed)

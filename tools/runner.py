@@ -390,7 +390,7 @@ class ComfyRunner:
         if reply.get("node_errors"):
             self.warnings.append("some outputs were skipped: " + format_node_errors(reply["node_errors"], api_prompt))
         if self._listener is not None and self.progress:
-            self._listener.printers[str(reply["prompt_id"])] = ProgressPrinter(self.progress, api_prompt)
+            self._listener.follow(str(reply["prompt_id"]), ProgressPrinter(self.progress, api_prompt))
         return reply["prompt_id"]
 
     def _follow(self) -> None:
@@ -650,13 +650,45 @@ class ProgressPrinter:
 
 class _ProgressListener(threading.Thread):
     """Reads the server's websocket for one client id in the background and hands the messages of the prompts
-    being followed to a :class:`ProgressPrinter`. Losing the websocket never fails a run (it is only progress)."""
+    being followed to a :class:`ProgressPrinter`. Losing the websocket never fails a run (it is only progress).
+
+    The server may start a prompt (and its first nodes may finish) before the reply to ``POST /prompt`` names it:
+    messages of a prompt no printer follows yet are kept (a few prompts, a bounded number each) and handed to its
+    printer, in order, when :meth:`follow` registers one."""
+
+    EARLY_PROMPTS, EARLY_MESSAGES = 8, 2000
 
     def __init__(self, host: str, port: int, client_id: str):
         super().__init__(daemon=True, name="comfyui-silo-progress")
         self.ws = _WebSocket(host, port, f"/ws?clientId={urllib.parse.quote(client_id)}")
         self.printers: dict[str, ProgressPrinter] = {}
+        self._early: dict[str, list[tuple[str, dict]]] = {}
+        self._lock = threading.Lock()
         self._stop = threading.Event()
+
+    def follow(self, prompt_id: str, printer: ProgressPrinter) -> None:
+        """Hand the messages of ``prompt_id`` to ``printer``, those that came before this call first."""
+        with self._lock:
+            self.printers[prompt_id] = printer
+            for kind, payload in self._early.pop(prompt_id, []):
+                with contextlib.suppress(Exception):
+                    printer.handle(kind, payload)
+
+    def _dispatch(self, kind: str, payload: dict) -> None:
+        prompt_id = payload.get("prompt_id")
+        if prompt_id is None:
+            return
+        with self._lock:
+            printer = self.printers.get(str(prompt_id))
+            if printer is not None:
+                with contextlib.suppress(Exception):
+                    printer.handle(kind, payload)
+                return
+            early = self._early.setdefault(str(prompt_id), [])
+            if len(early) < self.EARLY_MESSAGES:
+                early.append((kind, payload))
+            while len(self._early) > self.EARLY_PROMPTS:
+                self._early.pop(next(iter(self._early)))
 
     def run(self) -> None:
         while not self._stop.is_set():
@@ -668,11 +700,7 @@ class _ProgressListener(threading.Thread):
                 continue  # no message yet, or a binary preview image
             with contextlib.suppress(ValueError, TypeError, AttributeError):
                 data = json.loads(msg[1].decode("utf-8", errors="replace"))
-                payload = data.get("data") or {}
-                printer = self.printers.get(str(payload.get("prompt_id")))
-                if printer is not None:
-                    with contextlib.suppress(Exception):
-                        printer.handle(str(data.get("type")), payload)
+                self._dispatch(str(data.get("type")), data.get("data") or {})
 
     def stop(self) -> None:
         self._stop.set()

@@ -10,9 +10,12 @@ the frontend exactly as if it had been drawn there. The shipped workflows (``wor
 from __future__ import annotations
 
 import copy
+import json
 import math
+import re
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .workflow import (
@@ -35,10 +38,10 @@ TITLE_H = 30
 ROW_H, WIDGET_H, MULTILINE_H, NODE_PAD = 20, 24, 54, 14
 MIN_WIDTH = 220
 GROUP_TITLE_H = 34  # a group's title band (font size 24)
-# Nodes whose text result the pack's web extension (web/js/silo_text.js) shows in a box created with the node; the
-# layout gives that box this much room. A unit test keeps this list equal to the extension's.
-TEXT_NODES = ("SILOKSampler", "SILOLatentDPSKSampler", "SILOReSampleKSampler", "SILORestorationMetrics",
-              "SILOPixelUncertainty", "SILORestoreSeeds", "SILOLatentOperatorLoader", "SILOTrainLatentOperator")
+# Nodes whose text result the pack's web extension (web/js/silo_text.js) shows in a box created with the node (the
+# list scripts/build_docs.py generates from the node classes); the layout gives that box this much room.
+_GENERATED_JS = Path(__file__).resolve().parents[1] / "web" / "js" / "silo_nodes.js"
+TEXT_NODES = tuple(json.loads(re.search(r"TEXT_NODES = (\[.*?\]);", _GENERATED_JS.read_text(encoding="utf-8")).group(1)))
 TEXT_BOX_H = 96
 HELPER_DEFAULTS = {"control": "fixed", "filter": "", "toggle": False, "refresh": "refresh", "upload": "image",
                    "audio_ui": ""}

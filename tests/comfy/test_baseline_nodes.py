@@ -28,7 +28,7 @@ def setup(comfy_host, sd15_small):
 def _pixel_error(comfy_host, vae, meas, samples):
     (img,) = comfy_host.run_node("VAEDecode", samples=samples, vae=vae)
     with torch.no_grad():
-        return float((meas.degradation(img.permute(0, 3, 1, 2).float()) - meas.pixels).norm())
+        return float((meas.degradation(img.permute(0, 3, 1, 2).float()) - meas.y).norm())
 
 
 def _dps(comfy_host, setup, **kw):

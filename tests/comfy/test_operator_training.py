@@ -258,7 +258,7 @@ def test_loader_flags_a_useless_operator_from_an_older_file(comfy_host, sd15_sma
     shown = comfy_host.last_ui["text"][0]
     assert "held-out L1: operator 0.0424 | identity 0.0423 | degradation-on-latent 0.0401" in shown, shown
     assert "WARNING: the operator does not beat the degradation-on-latent baseline" in shown, shown
-    silo = _host_module(comfy_host, "nodes.silo")
+    silo = _host_module(comfy_host, "nodes.solvers")
     warning = silo.check_operator(sd15_small[0], op, None, "SILO KSampler")
     assert warning.startswith("Operator quality: WARNING: the operator does not beat"), warning
     (folder / "old_useless.safetensors").unlink()

@@ -36,10 +36,12 @@ def test_every_node_that_shows_text_is_an_output_node(comfy_host):
     ours = _our_nodes(comfy_host)
     for node_id in TEXT_NODES:
         assert ours[node_id].GET_NODE_INFO_V1()["output_node"] is True, node_id
+        assert ours[node_id].OUTPUT_NODE is True, f"{node_id}: the executor reads OUTPUT_NODE"
     shows_nothing = {"SILODegradation", "SILOApplyDegradation", "SILOEncodeMeasurement", "SILOSampler",
                      "SILOLatentDPSSampler", "SILOReSampleSampler"}
     for node_id in shows_nothing:
         assert ours[node_id].GET_NODE_INFO_V1()["output_node"] is False, node_id
+        assert not ours[node_id].OUTPUT_NODE, node_id
 
 
 def test_every_node_and_input_is_documented(comfy_host):

@@ -104,7 +104,7 @@ def test_super_resolution_measurement_gives_a_full_size_latent(comfy_host, sd15_
     (deg,) = comfy_host.run_node("SILODegradation", **_deg_widgets(type="super_resolution", sr_factor=4))
     meas, latent = comfy_host.run_node("SILOEncodeMeasurement", image=torch.rand(1, 16, 24, 3), vae=vae,
                                        degradation=deg, noise_sigma=0.01)
-    assert meas.pixels.shape == (1, 3, 16, 24) and meas.lifted.shape == (1, 3, 64, 96)
+    assert meas.y.shape == (1, 3, 16, 24) and meas.lifted.shape == (1, 3, 64, 96)
     assert latent["samples"].shape == (1, 4, 8, 12)
 
 
@@ -124,10 +124,10 @@ def test_inpainting_measurement_is_the_photo_outside_the_mask(comfy_host, sd15_s
                                            noise_sigma=0.01)
         ref, ref_latent = comfy_host.run_node("SILOEncodeMeasurement", image=applied, vae=vae, degradation=deg,
                                               noise_sigma=0.01)
-        assert float(meas.pixels[..., 8:40, 16:48].abs().max()) == 0.0, widgets["type"]
-        torch.testing.assert_close(meas.pixels, ref.pixels)
+        assert float(meas.y[..., 8:40, 16:48].abs().max()) == 0.0, widgets["type"]
+        torch.testing.assert_close(meas.y, ref.y)
         torch.testing.assert_close(latent["samples"], ref_latent["samples"])
-        assert torch.equal(meas.pixels[..., :8, :], photo.movedim(-1, 1)[..., :8, :]), "the rest is the photo"
+        assert torch.equal(meas.y[..., :8, :], photo.movedim(-1, 1)[..., :8, :]), "the rest is the photo"
     (deg,) = comfy_host.run_node("SILODegradation", **_deg_widgets(type="box_inpaint", box_top=48, box_height=32))
     with pytest.raises(ValueError, match=r"Encode Measurement: input 'degradation'.*rows 48\.\.79.*64 rows.*fit"):
         comfy_host.run_node("SILOEncodeMeasurement", image=photo, vae=vae, degradation=deg, noise_sigma=0.01)

@@ -74,12 +74,12 @@ def test_unknown_value_is_an_error():
 
 def test_cli_options_from_declarations():
     parser = argparse.ArgumentParser()
-    add_cli_arguments(parser, Demo, skip=("flip",))
+    add_cli_arguments(parser, Demo)
     ns = parser.parse_args(["--eta", "2", "--update", "euler", "--early-stop", "-1", "--steps", "5"])
     d = Demo.from_cli(ns)
     assert (d.eta, d.update, d.early_stop, d.steps, d.flip) == (2.0, "euler", None, 5, True)
     helptext = parser.format_help()
     assert "step size (default 0.5, range 0.0..50.0)" in helptext and "-1 = off" in helptext
-    assert "--flip" not in helptext
+    assert "--flip" in helptext and "--no-flip" in helptext
     with pytest.raises(SystemExit):
         parser.parse_args(["--update", "heun"])

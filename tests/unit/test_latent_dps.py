@@ -329,7 +329,7 @@ def test_decoder_runs_once_per_step_and_trace(toy):
     _dps(toy, sig, x, y, toy.box, decoder=dec, encoder=enc, eta=0.2, gluing=0.2, trace=tr, callback=cb.append)
     assert calls == {"dec": 12, "enc": 12}
     assert [t["step"] for t in tr] == list(range(12)) and all(len(t["extra_loss"]) == 4 for t in tr)
-    assert all(c["silo_loss"].shape == (4,) for c in cb)
+    assert all(c["latent_dps_loss"].shape == (4,) for c in cb)
     # unguided steps with only a callback: the gluing term (encoder) is not evaluated at all
     calls.update(dec=0, enc=0)
     _dps(toy, sig, x, y, toy.box, decoder=dec, encoder=enc, eta=0.0, gluing=1.0, callback=lambda d: None)

@@ -107,10 +107,10 @@ def _relative_imports(path: Path, package_root: Path) -> set[str]:
     return found
 
 
-@pytest.mark.parametrize("layer", [("operators", "config")])
+@pytest.mark.parametrize("layer", [("operators", "samplers", "config")])
 def test_core_modules_import_in_one_direction(layer):
-    """No import circles inside the core (operators/, config/), direct or through other modules, and the core
-    never imports a module above it (nodes/, tools/, the package __init__)."""
+    """No import circles inside the core (operators/, samplers/, config/), direct or through other modules, and the
+    core never imports a module above it (nodes/, tools/, the package __init__)."""
     files = [f for d in layer for f in sorted((ROOT / d).glob("*.py"))]
     graph = {".".join(f.relative_to(ROOT).with_suffix("").parts): _relative_imports(f, ROOT) for f in files}
     for mod, deps in graph.items():
@@ -144,9 +144,14 @@ def test_ci_runs_the_readme_test_command():
 
 
 def _node_ids_in_source() -> set[str]:
+    """Node ids as the source declares them: ``NODE_ID, ... = "X", ...`` and one KSampler/SAMPLER pair per
+    ``register(SolverNodes("X", ...))``."""
     ids = set()
     for f in (ROOT / "nodes").rglob("*.py"):
-        ids |= set(re.findall(r'node_id="([A-Za-z0-9_]+)"', f.read_text()))
+        text = f.read_text()
+        ids |= set(re.findall(r'^    NODE_ID\b[^=]*= "([A-Za-z0-9_]+)"', text, re.M))
+        for prefix in re.findall(r'register\(SolverNodes\("([A-Za-z0-9_]+)"', text):
+            ids |= {f"{prefix}KSampler", f"{prefix}Sampler"}
     return ids
 
 

@@ -60,8 +60,9 @@ def test_box_and_mask_problems_get_their_own_advice():
     drawn = build_degradation({"type": "mask_inpaint"}, mask=torch.ones(2, 32, 48))
     with pytest.raises(MeasurementError) as exc:
         Measurement.from_photo(_photo(b=1), drawn, 0.01)
-    assert exc.value.field == "degradation" and "use a single mask" in exc.value.problem
-    assert "Draw the mask" in exc.value.fix and "box" not in exc.value.fix
+    assert exc.value.field == "degradation" and "the mask has a batch of 2" in exc.value.problem
+    assert exc.value.reason == "mask_batch" and exc.value.fix == "Use one mask."
+    assert "box" not in exc.value.fix
     wrong = build_degradation({"type": "mask_inpaint"}, mask=torch.ones(16, 16))
     with pytest.raises(MeasurementError, match="resize the mask to the image"):
         Measurement.from_photo(_photo(), wrong, 0.01)

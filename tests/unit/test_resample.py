@@ -350,7 +350,9 @@ def test_hard_consistency_reaches_tolerance(lw, mode, optimizer, lr):
 def test_hard_consistency_default_adam_is_the_reference_setting(lw):
     """Reference settings (Adam lr 5e-3, <= 500 iterations, tol 1e-3) from a nearby start: converges early."""
     z_near = lw.z_star + 0.05 * torch.randn(4, *lw.world.shape, generator=torch.Generator().manual_seed(2), dtype=F64)
-    z, info = hard_consistency(z_near, lw.y, lw.degrade, lw.decode)
+    ref = ReSampleSettings()  # the reference values are declared once, in ReSample's settings
+    z, info = hard_consistency(z_near, lw.y, lw.degrade, lw.decode, steps=ref.latent_steps, lr=ref.lr,
+                               tolerance=ref.tolerance, optimizer=ref.optimizer)
     assert max(info["rms"]) < 1e-3 and max(info["iterations"]) < 500
 
 
@@ -472,6 +474,6 @@ def test_clear_errors(lw):
         consistency_every=0,
     )
     with pytest.raises(ValueError, match="optimization='pixel' needs encoder="):
-        hard_consistency(x, lw.y, lw.degrade, lw.decode, mode="pixel")
+        hard_consistency(x, lw.y, lw.degrade, lw.decode, mode="pixel", steps=10, lr=1e-2)
     with pytest.raises(ValueError, match="measurement shape"):
-        hard_consistency(x, torch.zeros(3, 2, 4, 2, dtype=F64), lw.degrade, lw.decode)
+        hard_consistency(x, torch.zeros(3, 2, 4, 2, dtype=F64), lw.degrade, lw.decode, steps=10, lr=1e-2)

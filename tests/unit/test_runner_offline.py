@@ -103,6 +103,28 @@ def test_eta_is_measured_from_the_first_step_not_from_slow_preparation(monkeypat
     last = [line for line in lines if "step 11/1000" in line][0]
     assert "1.00 s/step" in last and "16 min" in last, last
 
+
+def test_progress_of_a_prompt_that_started_before_its_printer_was_registered_is_not_lost(monkeypatch):
+    """The server may run a prompt's first nodes before the reply to POST /prompt names it: those messages wait."""
+    from comfyui_silo.tools import runner
+
+    monkeypatch.setattr(runner, "_WebSocket", lambda *a, **k: None)
+    listener = runner._ProgressListener("127.0.0.1", 0, "c")
+    lines: list[str] = []
+    api = {"21": {"class_type": "PreviewAny"}, "3": {"class_type": "KSampler"}}
+    listener._dispatch("executing", {"node": "21", "prompt_id": "p"})
+    listener._dispatch("executed", {"node": "21", "output": {"text": ["hello"]}, "prompt_id": "p"})
+    listener._dispatch("executing", {"node": "9", "prompt_id": "someone else's"})
+    listener._dispatch("status", {"status": {}})  # no prompt: never kept
+    assert lines == [] and set(listener._early) == {"p", "someone else's"}
+    listener.follow("p", ProgressPrinter(lines.append, api))
+    listener._dispatch("executing", {"node": "3", "prompt_id": "p"})
+    assert lines == ["running node 21 (PreviewAny)", "  node 21 (PreviewAny): hello", "running node 3 (KSampler)"]
+    for i in range(20):
+        listener._dispatch("executing", {"node": "1", "prompt_id": f"other {i}"})
+    assert len(listener._early) == listener.EARLY_PROMPTS, "messages of prompts nobody follows stay bounded"
+
+
 def _frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
     n = len(payload)
     head = bytes([(0x80 if fin else 0) | opcode])

@@ -93,7 +93,7 @@ def test_a_solver_is_a_small_object_and_the_loop_is_silos():
     x = torch.randn(3, *world.shape, generator=g, dtype=torch.float64) * sig[0]
     solver, tr, cb = _ShrinkSolver(world, w), [], []
     out = guided_sample(world.exact_denoiser, x, sig, {"seed": 2}, cb.append, True, solver=solver,
-                        guidance=Guidance(eta=0.5, update="ddpm", grad_clamp=1.0), trace=tr)
+                        guidance=Guidance.of(SiloSettings(eta=0.5, update="ddpm", grad_clamp=1.0)), trace=tr)
     ref = sample_silo(world.exact_denoiser, x, sig, {"seed": 2}, disable=True, measurement=w, operator=world.operator)
     assert torch.equal(out, ref)  # SILO is exactly this loop with its operator loss
     assert solver.seen == list(range(8))

@@ -152,9 +152,11 @@ def test_the_layout_knows_the_nodes_the_web_extension_gives_a_results_box():
     from comfyui_silo.tools.workflow_build import TEXT_NODES
 
     js = (ROOT / "web" / "js" / "silo_text.js").read_text(encoding="utf-8")
-    listed = re.search(r"const TEXT_NODES = \[(.*?)\];", js, re.S).group(1)
+    assert 'import { TEXT_NODES } from "./silo_nodes.js";' in js, "the extension uses the generated list"
+    generated = (ROOT / "web" / "js" / "silo_nodes.js").read_text(encoding="utf-8")
+    listed = re.search(r"export const TEXT_NODES = \[(.*?)\];", generated, re.S).group(1)
     assert sorted(re.findall(r'"(\w+)"', listed)) == sorted(TEXT_NODES)
-    assert set(TEXT_NODES) <= OUR_NODES
+    assert set(TEXT_NODES) <= OUR_NODES and "SILOKSampler" in TEXT_NODES
 
 
 def test_layout_check_finds_overlaps_and_half_grouped_nodes():

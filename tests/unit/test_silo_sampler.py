@@ -340,5 +340,5 @@ def test_clear_errors(setup):
         _run(world, w, sig, x, grad_clamp=1000.0)
     with pytest.raises(ValueError, match="SILO has no setting 'etta'"):
         _run(world, w, sig, x, etta=1.0)
-    with pytest.raises(ValueError, match="'parameterization' must be one of 'vp', 'flow'"):
+    with pytest.raises(ValueError, match="parameterization='edm' is not known; allowed values: 'vp', 'flow'"):
         _run(world, w, sig, x, parameterization="edm", model=world.denoiser("vp"))

@@ -13,6 +13,7 @@ from comfyui_silo.operators.training import (
     TrainingDataError,
     TrainSettings,
     TrainState,
+    _settings,
     _training_degradation,
     evaluate,
     format_report,
@@ -71,7 +72,7 @@ def encoder():
 
 def test_trained_blur_operator_beats_both_trivial_baselines(imgs, encoder):
     deg = build_degradation({"type": "gaussian_blur", "kernel_size": 21, "sigma": 3.0})
-    res = train_operator(encoder, deg, imgs, steps=250, batch_size=8, crop_size=64, lr=2e-3, eval_every=125,
+    res = train_operator(encoder, deg, imgs, steps=250, batch_size=8, crop_size=64, learning_rate=2e-3, eval_every=125,
                          heldout_fraction=0.25, seed=0, operator=LatentOperator(width=32))
     ev = res.report["heldout"]
     best_trivial = min(ev["identity"]["l1"], ev["naive_latent"]["l1"])
@@ -95,7 +96,7 @@ def _centre_mask(size: int = 64) -> torch.Tensor:
 
 def test_inpainting_operator_uses_the_mask_and_beats_baselines(imgs, encoder):
     deg = build_degradation({"type": "mask_inpaint"}, mask=_centre_mask(128))
-    res = train_operator(encoder, deg, imgs, steps=200, batch_size=8, crop_size=64, lr=2e-3, eval_every=200,
+    res = train_operator(encoder, deg, imgs, steps=200, batch_size=8, crop_size=64, learning_rate=2e-3, eval_every=200,
                          heldout_fraction=0.25, seed=1, operator=LatentOperator(width=32, use_mask=True))
     assert res.operator.use_mask
     ev = res.report["heldout"]
@@ -120,7 +121,7 @@ def test_mask_inpaint_trains_with_the_users_mask_not_random_rectangles():
 
 def test_same_seed_same_operator_and_exact_resume(imgs, encoder, tmp_path):
     deg = build_degradation({"type": "super_resolution", "factor": 4})
-    kw = dict(batch_size=4, crop_size=64, lr=1e-3, eval_every=5, heldout_fraction=0.25, seed=7, ema_decay=0.9)
+    kw = dict(batch_size=4, crop_size=64, learning_rate=1e-3, eval_every=5, heldout_fraction=0.25, seed=7, ema_decay=0.9)
     full = train_operator(encoder, deg, imgs, steps=10, operator_config={"width": 16}, **kw)
     again = train_operator(encoder, deg, imgs, steps=10, operator_config={"width": 16}, **kw)
     for a, b in zip(full.operator.state_dict().values(), again.operator.state_dict().values(), strict=True):
@@ -145,7 +146,7 @@ def test_pool_mode_encodes_once_and_trains(imgs, encoder):
         return encoder(x)
 
     deg = build_degradation({"type": "gaussian_blur", "kernel_size": 21, "sigma": 3.0})
-    res = train_operator(counting_encoder, deg, imgs, steps=100, batch_size=8, pool_size=64, crop_size=64, lr=2e-3,
+    res = train_operator(counting_encoder, deg, imgs, steps=100, batch_size=8, pool_size=64, crop_size=64, learning_rate=2e-3,
                          eval_every=100, heldout_fraction=0.25, seed=0, operator_config={"width": 32})
     # pool (64 inputs + 64 targets) and the held-out set: nothing is encoded during the 100 steps
     # +1: the probe that reads the latent channels; held-out: 2 images x 5 fixed crops x (input, target)
@@ -183,7 +184,7 @@ def test_progress_and_interrupt(imgs, encoder):
 @pytest.mark.parametrize(("opts", "field"), [
     ({"steps": 0}, "steps"), ({"loss": "huber"}, "loss"), ({"crop_size": 30}, "crop_size"),
     ({"lr_schedule": "step"}, "lr_schedule"), ({"min_noise_sigma": 0.1, "max_noise_sigma": 0.0}, "min_noise_sigma"),
-    ({"sigma_range": (0.1, 0.0)}, "min_noise_sigma"), ({"learning_rate": 0.0}, "learning_rate"),
+    ({"learning_rate": 0.0}, "learning_rate"),
     ({"pool_size": 1, "batch_size": 4}, "pool_size"), ({"not_an_option": 1}, "not_an_option"),
     ({"ema_decay": 1.0}, "ema_decay"),
 ])
@@ -220,10 +221,21 @@ def test_settings_declared_once_round_trip_and_defaults():
     assert TrainSettings.from_values(cfg.widget_values()) == cfg
     assert TrainSettings().steps == 1000, "the node's default (saved workflows) is the default everywhere"
     assert TrainSettings.from_values({"pool_size": 0}).pool_size is None, "0 on the node means off"
-    legacy = TrainSettings.from_legacy({"lr": 1e-3, "sigma_range": [0.0, 0.03], "crop_scale": [0.5, 0.9]})
-    assert (legacy.learning_rate, legacy.sigma_range, legacy.crop_scale) == (1e-3, (0.0, 0.03), (0.5, 0.9))
     widgets = [s.name for s in TrainSettings.specs() if s.widget]
     assert widgets == ["steps", "batch_size", "crop_size", "learning_rate", "max_noise_sigma", "pool_size", "seed"]
+
+
+def test_resume_files_with_the_earlier_setting_names_still_load():
+    """Resume files written by the earlier ``TrainConfig`` store ``lr``, ``sigma_range`` and ``crop_scale``."""
+    old = {"lr": 2e-3, "sigma_range": [0.0, 0.03], "crop_scale": [0.5, 0.9], "steps": 7, "retired": 1}
+    state = TrainState(step=3, operator={}, ema=None, optimizer={}, config=old)
+    cfg = _settings(None, {"steps": 20}, state)
+    assert (cfg.learning_rate, cfg.sigma_range, cfg.crop_scale, cfg.steps) == (2e-3, (0.0, 0.03), (0.5, 0.9), 20)
+    with pytest.raises(ValueError, match="sigma_range") as info:
+        _settings(None, {}, TrainState(step=3, operator={}, ema=None, optimizer={}, config={"sigma_range": 0.1}))
+    assert info.value.field == "sigma_range"
+    with pytest.raises(ValueError, match="no setting 'lr'"):
+        train_operator(lambda x: x, {"type": "identity"}, torch.rand(2, 3, 64, 64), lr=1e-3)
 
 
 def test_training_works_for_sixteen_channel_latents(imgs, tmp_path):
