@@ -30,7 +30,7 @@ from ..samplers.core import GuidanceSettings
 from ..samplers.latent_dps import LatentDPSSettings, sample_latent_dps
 from ..samplers.resample import ReSampleSettings, sample_resample
 from ..samplers.silo import SiloSettings, sample_silo
-from .common import CATEGORY, LatentOperator, SiloInputError, Trace, display_name, trace_text
+from .common import LatentOperator, SiloInputError, SiloNode, Trace, display_name, trace_text
 from .common import Measurement as MeasurementSocket
 from .families import parameterization
 from .host import (
@@ -199,8 +199,8 @@ def solver_inputs(entry: SolverNodes) -> list:
         source = [LatentOperator.Input("operator", tooltip="From Latent Degradation Operator or Train Latent "
                                                            "Operator.")]
     else:
-        source = [io.Vae.Input("vae", tooltip="The checkpoint's VAE: the solver decodes the denoised latent with it "
-                                              "(this is what makes pixel-space solvers slow).")]
+        source = [io.Vae.Input("vae", tooltip="The checkpoint's VAE: this solver compares the decoded latent with the "
+                                              "photo in pixel space (what makes pixel-space solvers slow).")]
     return [MeasurementSocket.Input("measurement", tooltip="From Encode Measurement."), *source,
             *widget_inputs(entry.settings), *([ON_MISMATCH_INPUT] if entry.needs.operator else [])]
 
@@ -211,19 +211,19 @@ def _ui_text(*lines: str) -> ui.PreviewText | None:
 
 
 def _ksampler_node(entry: SolverNodes) -> type[io.ComfyNode]:
-    class SolverKSampler(io.ComfyNode):
-        SHOWS_TEXT = True  # the web extension's results box (see scripts/build_docs.py)
+    class SolverKSampler(SiloNode):
+        __doc__ = entry.description
+        NODE_ID, TITLE, SHOWS_TEXT = f"{entry.node_id}KSampler", f"{entry.title} KSampler", True
         SOLVER = entry
 
         @classmethod
-        def define_schema(cls) -> io.Schema:
-            return io.Schema(
-                node_id=f"{entry.node_id}KSampler", display_name=f"{entry.title} KSampler", category=CATEGORY,
-                is_output_node=True,  # shows text: the host re-sends a cached output node's result
-                description=entry.description, inputs=[*ksampler_inputs(), *solver_inputs(entry)],
-                outputs=[io.Latent.Output("LATENT", display_name="LATENT",
-                                          tooltip="The restored latent (VAE Decode it)."),
-                         Trace.Output("trace", display_name="trace", tooltip="Per-step consistency record.")])
+        def inputs(cls) -> list:
+            return [*ksampler_inputs(), *solver_inputs(entry)]
+
+        @classmethod
+        def outputs(cls) -> list:
+            return [io.Latent.Output("LATENT", display_name="LATENT", tooltip="The restored latent (VAE Decode it)."),
+                    Trace.Output("trace", display_name="trace", tooltip="Per-step consistency record.")]
 
         @classmethod
         def execute(cls, model, seed, steps, cfg, scheduler, positive, negative, latent_image, denoise, measurement,
@@ -240,19 +240,20 @@ def _ksampler_node(entry: SolverNodes) -> type[io.ComfyNode]:
 
 
 def _sampler_node(entry: SolverNodes) -> type[io.ComfyNode]:
-    class SolverSampler(io.ComfyNode):
-        SHOWS_TEXT = False
+    class SolverSampler(SiloNode):
+        __doc__ = entry.sampler_description
+        NODE_ID, TITLE = f"{entry.node_id}Sampler", f"{entry.title} Sampler"
         SOLVER = entry
 
         @classmethod
-        def define_schema(cls) -> io.Schema:
-            return io.Schema(
-                node_id=f"{entry.node_id}Sampler", display_name=f"{entry.title} Sampler", category=CATEGORY,
-                description=entry.sampler_description,
-                inputs=[io.Model.Input("model", tooltip="The checkpoint's MODEL (for its latent format)."),
-                        *solver_inputs(entry)],
-                outputs=[io.Sampler.Output("SAMPLER", display_name="SAMPLER",
-                                           tooltip="For SamplerCustom / SamplerCustomAdvanced.")])
+        def inputs(cls) -> list:
+            return [io.Model.Input("model", tooltip="The checkpoint's MODEL (for its latent format)."),
+                    *solver_inputs(entry)]
+
+        @classmethod
+        def outputs(cls) -> list:
+            return [io.Sampler.Output("SAMPLER", display_name="SAMPLER",
+                                      tooltip="For SamplerCustom / SamplerCustomAdvanced.")]
 
         @classmethod
         def execute(cls, model, measurement, operator=None, vae=None, on_mismatch="error",
