@@ -23,8 +23,8 @@ if ! python -c "import torch, torchvision" >/dev/null 2>&1; then
   python -m pip install -q $TORCH_SPEC 2>&1 | grep -v "is ignored" || true
 fi
 python -c "import torch, torchvision" || { echo "[setup] torch/torchvision do not import"; exit 1; }
-echo "[setup] installing comfyui-silo (editable) with test extras"
-python -m pip install -q -e '.[test]' 2>&1 | grep -v "is ignored" || true
+echo "[setup] installing comfyui-silo (editable) with test extras and the batch extra (ray, for the Ray batch tests)"
+python -m pip install -q -e '.[test,batch]' 2>&1 | grep -v "is ignored" || true
 if [ -f "$COMFYUI_PATH/main.py" ] && [ -f "$COMFYUI_PATH/requirements.txt" ]; then
   echo "[setup] ComfyUI host found at $COMFYUI_PATH: installing its requirements (torch lines skipped)"
   req="$(mktemp)"

@@ -1,4 +1,5 @@
-"""The command line: train an operator from a folder of images, import the paper's operators, run workflows."""
+"""The command line: train an operator from a folder of images, import the paper's operators, run workflows, restore
+a folder of photos (`batch`, tools/batch.py)."""
 
 from __future__ import annotations
 
@@ -196,6 +197,68 @@ def cmd_run(args) -> int:
     return 0
 
 
+# -- batch: restore a folder (tools/batch.py) -------------------------------------------------------------------------
+def cmd_batch(args) -> int:
+    from .batch import BatchError, options_from_args, run_batch
+    from .workflow import WorkflowError
+
+    try:
+        summary = run_batch(options_from_args(args))
+    except (BatchError, WorkflowError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: what was finished is in the manifest; run the same command again to go on",
+              file=sys.stderr)
+        return 130
+    return 1 if summary["failed"] or summary["failed_before"] else 0
+
+
+def add_batch_parser(sub) -> None:
+    b = sub.add_parser("batch", help="restore every photo of a folder with a workflow, on this machine or a Ray "
+                                     "cluster; resumable")
+    b.add_argument("workflow", help="workflow .json (UI or API format); its Load Image node gets each photo")
+    b.add_argument("--inputs", required=True, metavar="DIR_OR_GLOB",
+                   help="a folder of photos (searched recursively) or a glob pattern such as 'scans/*.jpg'")
+    b.add_argument("--out", required=True, help="folder for the restored photos, batch-manifest.jsonl and "
+                                                "batch-summary.json")
+    b.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local: one worker in this process; ray: one worker per GPU (or CPU slot) on a Ray cluster "
+                        "(needs pip install 'comfyui-silo[batch]')")
+    b.add_argument("--set", action="append", default=[], dest="sets", metavar="NODE.INPUT=VALUE",
+                   help="set an input for every photo, as `run --set` does; repeatable")
+    b.add_argument("--image-node", default=None, metavar="NODE",
+                   help="the Load Image node the photos go to (id, title or class; default: the only one)")
+    b.add_argument("--seed", choices=("workflow", "per-photo"), default="workflow",
+                   help="workflow: every photo gets the workflow's seed (as `run` would); per-photo: the seed plus a "
+                        "number from the photo's content. Either way, never from the worker")
+    b.add_argument("--retry-failed", action="store_true",
+                   help="also retry photos that failed in an earlier run because of the photo or the workflow")
+    b.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="Ray cluster to join (auto, or HOST:PORT; default: $RAY_ADDRESS, else a local one)")
+    b.add_argument("--workers", type=int, default=None, help="ray: number of workers (default: as many as fit)")
+    b.add_argument("--gpus-per-worker", type=float, default=None, metavar="N",
+                   help="ray: GPUs per worker (default 1 when the cluster has GPUs, else 0: CPU workers)")
+    b.add_argument("--cpus-per-worker", type=int, default=1, metavar="N",
+                   help="CPU threads of each worker, also what a Ray worker reserves (default 1; outputs are "
+                        "bit-identical across engines and workers for the same value)")
+    b.add_argument("--retries", type=int, default=2,
+                   help="ray: times a photo is run again when its worker dies (default 2)")
+    b.add_argument("--min-side", type=int, default=16,
+                   help="refuse photos smaller than this on a side (default 16; lower it for tiny super-resolution "
+                        "inputs)")
+    b.add_argument("--max-megapixels", type=float, default=100.0,
+                   help="refuse photos larger than this (default 100)")
+    b.add_argument("--comfyui", default=default_comfyui_path(), help="ComfyUI checkout (default $COMFYUI_PATH)")
+    b.add_argument("--base-directory", default=None,
+                   help="ComfyUI base directory (models, custom_nodes, input); default: the checkout")
+    b.add_argument("--extra-model-paths", action="append", default=[], metavar="YAML",
+                   help="an extra_model_paths.yaml to load; repeatable")
+    b.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is present")
+    b.add_argument("-v", "--verbose", action="store_true", help="ray: show the workers' own log lines")
+    b.set_defaults(func=cmd_batch)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m comfyui_silo", description="comfyui-silo command line")
     sub = p.add_subparsers(dest="command", required=True)
@@ -243,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--save-api", default=None, metavar="FILE", help="also write the API-format prompt that ran")
     w.add_argument("-v", "--verbose", action="store_true", help="print server log tails and tracebacks on errors")
     w.set_defaults(func=cmd_run)
+    add_batch_parser(sub)
     return p
 
 

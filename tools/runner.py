@@ -582,7 +582,8 @@ class _WebSocket:
             self.sock.close()
 
 
-def _duration(seconds: float) -> str:
+def duration_text(seconds: float) -> str:
+    """``12 s``, ``3 min 04 s``, ``1 h 05 min``."""
     seconds = max(0, int(round(seconds)))
     if seconds < 60:
         return f"{seconds} s"
@@ -637,7 +638,7 @@ class ProgressPrinter:
                 t0, v0 = first if value > first[1] else (start, 0)
                 per = (now - t0) / (value - v0)
                 line += f" ({value / total:.0%}, {per:.2f} s/step"
-                line += f", about {_duration(per * (total - value))} left)" if value < total else ")"
+                line += f", about {duration_text(per * (total - value))} left)" if value < total else ")"
             self.write(line)
         elif kind == "executed":
             text = (data.get("output") or {}).get("text")
