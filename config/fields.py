@@ -53,6 +53,14 @@ class SettingSpec:
     none_as: Any = None  # widget / CLI value that stands for None ("off"), e.g. -1 or 0
     allow_inf: bool = False
     widget: bool = True  # shown as a node input
+    widget_max: float | None = None  # the widget's upper end where it is below the accepted range's (None: max)
+    optional: bool = False  # an optional node input, placed after the node's other inputs (added later: saved
+    #                         workflows without it load and run with the default)
+
+    @property
+    def widget_high(self) -> float | None:
+        """The widget's upper end: ``widget_max``, else ``max``."""
+        return self.widget_max if self.widget_max is not None else self.max
 
     @property
     def widget_default(self) -> Any:
@@ -98,8 +106,11 @@ class SettingSpec:
 
 def setting(default: Any, *, tooltip: str, min: float | None = None, max: float | None = None,  # noqa: A002
             step: float | None = None, choices: Iterable | None = None, none_as: Any = None, kind: str | None = None,
-            allow_inf: bool = False, widget: bool = True) -> Any:
-    """A dataclass field declared with everything the widgets, the CLI and validation need (see the module doc)."""
+            allow_inf: bool = False, widget: bool = True, widget_max: float | None = None,
+            optional: bool = False) -> Any:
+    """A dataclass field declared with everything the widgets, the CLI and validation need (see the module doc).
+    ``widget_max``: a lower top for the node widget than the accepted range (e.g. none for the Python API);
+    ``optional``: a node input added after a release, optional so that saved workflows keep loading."""
     choices = tuple(choices) if choices is not None else None
     if kind is None:
         probe = none_as if default is None else default
@@ -118,7 +129,7 @@ def setting(default: Any, *, tooltip: str, min: float | None = None, max: float 
     if kind not in _KINDS:
         raise TypeError(f"setting(): kind must be one of {_KINDS}, got {kind!r}")
     spec = dict(default=default, kind=kind, tooltip=tooltip, min=min, max=max, step=step, choices=choices,
-                none_as=none_as, allow_inf=allow_inf, widget=widget)
+                none_as=none_as, allow_inf=allow_inf, widget=widget, widget_max=widget_max, optional=optional)
     return dataclasses.field(default=default, metadata={"setting": spec})
 
 

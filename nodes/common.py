@@ -12,6 +12,8 @@ from typing import ClassVar
 import torch
 from comfy_api.latest import io
 
+from ..samplers.core import divergence_text
+
 CATEGORY = "image/restoration/SILO"
 
 # Custom socket types carried between our nodes.
@@ -75,14 +77,30 @@ def require_finite(x: torch.Tensor, node: str, input_name: str, what: str = "the
     return x
 
 
+def _mean(values) -> float:
+    values = list(values) if isinstance(values, (list, tuple)) else [values]
+    return sum(values) / len(values) if values else float("nan")
+
+
 def trace_text(trace: list, what: str = "‖w − H(ẑ₀)‖") -> str:
-    """One line summarising a solver's consistency trace (first and last recorded loss)."""
+    """A solver's consistency trace in a few lines: first and last loss, the noise floor when known, the η path when
+    η was set automatically, and a divergence warning with its fix."""
     if not trace:
         return "no guided steps"
     first, last = trace[0], trace[-1]
-    f = sum(first["loss"]) / len(first["loss"])
-    la = sum(last["loss"]) / len(last["loss"])
-    return f"consistency {what}: step 0 {f:.3f} → step {last['step']} {la:.3f} ({len(trace)} steps)"
+    lines = [f"consistency {what}: step 0 {_mean(first['loss']):.3f} → step {last['step']} {_mean(last['loss']):.3f} "
+             f"({len(trace)} steps)"]
+    if "floor" in last:
+        lines.append(f"noise floor (expected at the true image): {_mean(last['floor']):.3f}")
+    auto = [e for e in trace if "target" in e]
+    if auto:
+        etas = [float(e["eta"]) for e in auto]
+        lines.append(f"η auto: first {etas[0]:.3g}, last {etas[-1]:.3g}, range {min(etas):.3g}–{max(etas):.3g} "
+                     f"({len(auto)} guided steps)")
+    diverged = next((e["diverged"] for e in trace if "diverged" in e), None)
+    if diverged is not None:
+        lines.append("⚠ " + divergence_text(diverged))
+    return "\n".join(lines)
 
 
 def image_to_bchw(image: torch.Tensor, node: str, input_name: str = "image") -> torch.Tensor:

@@ -45,9 +45,9 @@ def measurement_of(node: str, photo: torch.Tensor, degradation, noise_sigma: flo
 
 
 class EncodeMeasurement(SiloNode):
-    """Encodes the degraded photo once with the checkpoint's VAE (low-resolution photos are first upscaled
-    bicubically to the output size). The result guides SILO KSampler towards restorations that are consistent
-    with the photo."""
+    """Encodes the degraded photo with the checkpoint's VAE before sampling (low-resolution photos are first upscaled
+    bicubically to the output size), and once more under fresh noise of noise_sigma for the noise floor that automatic
+    η steers by. The result guides SILO KSampler towards restorations that are consistent with the photo."""
 
     NODE_ID, TITLE = "SILOEncodeMeasurement", "Encode Measurement"
 
@@ -80,7 +80,8 @@ class EncodeMeasurement(SiloNode):
         latent = vae.encode(meas.lifted.movedim(1, -1))
         require_finite(latent, node, "vae", "the VAE's latent of the photo",
                        "The VAE overflowed: run it in fp32 (--fp32-vae) or use another VAE.")
-        return io.NodeOutput(meas.encoded(latent, downscale), {"samples": latent})
+        jitter = vae.encode(meas.renoised().movedim(1, -1))  # how far the photo's noise moves its latent: SILO's floor
+        return io.NodeOutput(meas.encoded(latent, downscale, jitter), {"samples": latent})
 
 
 # ------------------------------------------------------------------------------- checks shared by the solvers

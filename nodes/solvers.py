@@ -23,7 +23,7 @@ from comfy_api.latest import io, ui
 
 from ..config import SettingError
 from ..operators.degradations import spec_mismatch
-from ..operators.fidelity import stored_verdict
+from ..operators.fidelity import stored_mse, stored_verdict
 from ..operators.io import latent_format_compatible
 from ..operators.physics import LATENT_CLAMP, Measurement
 from ..samplers.core import GuidanceSettings
@@ -118,7 +118,23 @@ def _operator_options(node: str, x: torch.Tensor, meas: Measurement, op, model_p
     def operator(z0, sigma_y=meas.noise_sigma, mask=mask):
         return module(z0.float(), sigma_y=sigma_y, mask=mask)
 
-    return {"measurement": w.to(x.dtype), "operator": operator}
+    return {"measurement": w.to(x.dtype), "operator": operator,
+            "noise_floor": latent_floor(model_patcher, meas, w, getattr(op, "training", None) or {})}
+
+
+def latent_floor(model_patcher, meas: Measurement, w: torch.Tensor, training: dict) -> torch.Tensor | None:
+    """SILO's noise floor ``[B]``, the ``|| w - H(E(x)) ||`` expected at the true image: how far fresh noise of the
+    photo's level moves its latent (Encode Measurement encoded it once more) and the operator's own held-out error
+    (from its file), added in quadrature. None when neither is known."""
+    parts = []
+    if meas.latent_jitter is not None:
+        jitter = process_in(model_patcher, meas.latent_jitter.to(w.device, torch.float32))
+        diff = jitter.clamp(-LATENT_CLAMP, LATENT_CLAMP) - w.float()
+        parts.append(diff.flatten(1).pow(2).sum(1).double().cpu())
+    mse = stored_mse(training)
+    if mse is not None:
+        parts.append(torch.full((w.shape[0],), mse * w[0].numel(), dtype=torch.float64))
+    return sum(parts).sqrt() if parts else None
 
 
 def _vae_options(node: str, x: torch.Tensor, meas: Measurement, vae, model_patcher, settings) -> dict:
@@ -129,7 +145,7 @@ def _vae_options(node: str, x: torch.Tensor, meas: Measurement, vae, model_patch
     except ValueError as e:
         raise SiloInputError(node, "vae", str(e), "Connect the checkpoint's image VAE.") from None
     options = {"measurement": meas.y.to(x.device, torch.float32).clone(),
-               "degradation": meas.degradation.to(x.device), "decoder": decode}
+               "degradation": meas.degradation.to(x.device), "decoder": decode, "noise_floor": meas.pixel_floor()}
     if settings.needs_encoder():
         options["encoder"] = encode
     return options
@@ -151,6 +167,8 @@ def solver_sampler_function(model, x, sigmas, extra_args=None, callback=None, di
             options.update(_operator_options(node, x, meas, operator, model_patcher))
         else:
             options.update(_vae_options(node, x, meas, vae, model_patcher, settings))
+        if not settings.takes_noise_floor():
+            options.pop("noise_floor", None)
         if settings.unet_gradient():
             make_weights_differentiable(diffusion_model(model_patcher))
     return guarded_sample(entry.sample, model, x, sigmas, extra_args, callback, disable, node=node,
@@ -202,7 +220,8 @@ def solver_inputs(entry: SolverNodes) -> list:
         source = [io.Vae.Input("vae", tooltip="The checkpoint's VAE: this solver compares the decoded latent with the "
                                               "photo in pixel space (what makes pixel-space solvers slow).")]
     return [MeasurementSocket.Input("measurement", tooltip="From Encode Measurement."), *source,
-            *widget_inputs(entry.settings), *([ON_MISMATCH_INPUT] if entry.needs.operator else [])]
+            *widget_inputs(entry.settings, optional=False), *([ON_MISMATCH_INPUT] if entry.needs.operator else []),
+            *widget_inputs(entry.settings, optional=True)]
 
 
 def _ui_text(*lines: str) -> ui.PreviewText | None:

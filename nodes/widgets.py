@@ -26,6 +26,8 @@ def _low(spec: SettingSpec):
 def widget_input(spec: SettingSpec, **overrides: Any) -> io.Input:
     """The ComfyUI input for one declared setting (``overrides`` replace single attributes, e.g. a tooltip)."""
     tooltip = overrides.pop("tooltip", spec.tooltip)
+    if spec.optional:
+        overrides.setdefault("optional", True)
     default = overrides.pop("default", spec.widget_default)
     if spec.kind == "bool":
         return io.Boolean.Input(spec.name, default=default, tooltip=tooltip, **overrides)
@@ -33,17 +35,19 @@ def widget_input(spec: SettingSpec, **overrides: Any) -> io.Input:
         return io.Combo.Input(spec.name, options=list(spec.choices), default=default, tooltip=tooltip, **overrides)
     if spec.kind == "str":
         return io.String.Input(spec.name, default=default, tooltip=tooltip, **overrides)
-    kw = {"min": _low(spec), "max": spec.max, "step": spec.step}
+    kw = {"min": _low(spec), "max": spec.widget_high, "step": spec.step}
     kw = {k: v for k, v in kw.items() if v is not None}
     kw.update(overrides)
     cls = io.Int if spec.kind == "int" else io.Float
     return cls.Input(spec.name, default=default, tooltip=tooltip, **kw)
 
 
-def widget_inputs(settings_cls, **overrides: dict) -> list[io.Input]:
+def widget_inputs(settings_cls, optional: bool | None = None, **overrides: dict) -> list[io.Input]:
     """Inputs for every declared (widget) field of ``settings_cls``, in declaration order (``overrides``: a field's
-    name -> attributes to replace, e.g. the tooltip a node words its own way)."""
-    return [widget_input(s, **overrides.get(s.name, {})) for s in settings_cls.specs() if s.widget]
+    name -> attributes to replace, e.g. the tooltip a node words its own way); ``optional``: only the optional
+    (True) or the other (False) fields."""
+    return [widget_input(s, **overrides.get(s.name, {})) for s in settings_cls.specs()
+            if s.widget and (optional is None or s.optional == optional)]
 
 
 def settings_from_widgets(settings_cls, node: str, **values: Any):

@@ -322,10 +322,26 @@ def trace_chart(trace: Sequence[Mapping], *, title: str = "Measurement consisten
         if finite:
             mean.append((float(e["step"]), sum(finite) / len(finite)))
     series = {"consistency": per_image["image 1"]} if batch == 1 else {**per_image, "mean": mean}
+    series.update(_reference_lines(steps))
     first, last = mean[0][1] if mean else float("nan"), mean[-1][1] if mean else float("nan")
     note = f"{len(steps)} steps; step {int(steps[0]['step'])}: {first:.4g} → step {int(steps[-1]['step'])}: {last:.4g}"
     return line_chart(series, title=title, xlabel="sampling step", ylabel=ylabel, size=size, note=note,
                       integer_x=True)
+
+
+def _reference_lines(steps: Sequence[Mapping]) -> dict[str, list[tuple[float, float]]]:
+    """The noise floor (the consistency expected at the true image) and, with automatic η, the target it steered
+    towards, as batch means per step (only finite values)."""
+    out: dict[str, list[tuple[float, float]]] = {}
+    for key, label in (("floor", "noise floor"), ("target", "auto η target")):
+        points = []
+        for e in steps:
+            values = [v for v in _as_list(e.get(key, [])) if math.isfinite(v)]
+            if values:
+                points.append((float(e["step"]), sum(values) / len(values)))
+        if points:
+            out[label] = points
+    return out
 
 
 def training_curve_chart(report: Mapping, *, size: tuple[int, int] = (640, 400)):

@@ -156,6 +156,18 @@ def stored_errors(training: Mapping) -> tuple[str, tuple[float, float, float]] |
     return None
 
 
+def stored_mse(training: Mapping) -> float | None:
+    """The operator's held-out mean squared latent error per element (its own error at the true image, part of the
+    latent noise floor), from the fidelity report or the held-out block; None when the file holds none."""
+    for block in ((training.get("fidelity") or {}).get("latent") if isinstance(training.get("fidelity"), Mapping)
+                  else None, training.get("heldout")):
+        op = block.get("operator") if isinstance(block, Mapping) else None
+        value = op.get("mse") if isinstance(op, Mapping) else None
+        if _number(value) and value >= 0:
+            return float(value)
+    return None
+
+
 def stored_verdict(training: Mapping) -> dict | None:
     """The verdict of an operator file: the one stored with its fidelity report (level and text, text bounded), or,
     for files written before verdicts were stored, one computed from their held-out numbers. None without either."""

@@ -29,7 +29,7 @@ import torch
 from ..config.fields import Settings, setting
 from .degradations import DEFAULT_MEASUREMENT_NOISE, add_noise
 
-__all__ = ["LATENT_CLAMP", "DegradationLike", "GaussianNoise", "Measurement", "MeasurementError", "NoiseSettings"]
+__all__ = ["LATENT_CLAMP", "QUANTIZATION_SIGMA", "DegradationLike", "GaussianNoise", "Measurement", "MeasurementError", "NoiseSettings"]
 
 #: Latents of measurements and training targets are clamped to [-LATENT_CLAMP, LATENT_CLAMP] (the paper's --clamp).
 LATENT_CLAMP = 4.0
@@ -83,6 +83,10 @@ class NoiseSettings(Settings):
 
     noise_sigma: float = setting(DEFAULT_MEASUREMENT_NOISE, min=0.0, max=1.0, step=0.001,
                                  tooltip="Std of the Gaussian measurement noise on the 0-1 image scale (paper: 0.01).")
+
+
+#: The noise every 8-bit photo has at least: rounding to 1/255 steps, std (1/255)/sqrt(12) on the [0, 1] scale.
+QUANTIZATION_SIGMA = 1.0 / 255.0 / math.sqrt(12.0)
 
 
 @dataclass(frozen=True)
@@ -157,6 +161,7 @@ class Measurement:
     pixel_mask: torch.Tensor | None = None
     latent: torch.Tensor | None = None
     downscale: int = 8
+    latent_jitter: torch.Tensor | None = None  # the VAE's latent of the photo under fresh noise (noise_floor)
 
     @property
     def noise_sigma(self) -> float:
@@ -171,9 +176,33 @@ class Measurement:
         """``y − A(x)`` for an image ``x`` of :attr:`image_size`."""
         return self.y - self.degradation(x)
 
-    def encoded(self, latent: torch.Tensor, downscale: int) -> Measurement:
-        """This measurement with the latent of :attr:`lifted` (``encode(lifted)``) and the encoder's factor."""
-        return dataclasses.replace(self, latent=latent, downscale=int(downscale))
+    def encoded(self, latent: torch.Tensor, downscale: int, jitter: torch.Tensor | None = None) -> Measurement:
+        """This measurement with the latent of :attr:`lifted` (``encode(lifted)``), the encoder's factor and,
+        optionally, the latent of :meth:`renoised` (``encode(renoised())``, for the latent noise floor)."""
+        return dataclasses.replace(self, latent=latent, downscale=int(downscale), latent_jitter=jitter)
+
+    @property
+    def floor_sigma(self) -> float:
+        """The pixel noise the floor assumes: the declared noise, at least 8-bit rounding's."""
+        return max(self.noise.sigma, QUANTIZATION_SIGMA)
+
+    def renoised(self, seed: int = 0) -> torch.Tensor:
+        """:attr:`lifted` with fresh noise of :attr:`floor_sigma` added to ``y`` (where measured) before lifting:
+        encoding it next to :attr:`lifted` shows how far that much noise moves the latent."""
+        y = GaussianNoise(self.floor_sigma)(self.y, seed=seed)
+        lifted = self.degradation.lift(y, size=self.image_size)
+        if self.pixel_mask is not None:
+            lifted = lifted * (1.0 - self.pixel_mask.to(device=lifted.device, dtype=lifted.dtype))
+        return lifted
+
+    def pixel_floor(self) -> torch.Tensor:
+        """``[B]``: the expected ``|| y - A(x) ||`` at the true image, ``floor_sigma * sqrt(measured values)`` (the
+        pixel-space solvers' noise floor; masked pixels are not measured)."""
+        count = float(self.y[0].numel())
+        if self.pixel_mask is not None:
+            kept = (1.0 - self.pixel_mask.float()).flatten(1).sum(1) * self.y.shape[1]
+            return (self.floor_sigma * kept.sqrt()).expand(self.y.shape[0]).double().cpu()
+        return torch.full((self.y.shape[0],), self.floor_sigma * math.sqrt(count), dtype=torch.float64)
 
     @classmethod
     def from_photo(cls, photo: torch.Tensor, degradation: DegradationLike, noise_sigma: float,

@@ -25,6 +25,8 @@ Only ``torch.autograd.grad`` w.r.t. the input is used (model parameters never ge
 from __future__ import annotations
 
 import dataclasses
+import math
+import warnings
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -39,12 +41,15 @@ try:  # progress bar like ComfyUI's samplers; optional
 except ImportError:  # pragma: no cover - tqdm ships with ComfyUI
     _trange = None
 
-__all__ = ["ETA_SCHEDULES", "GRADIENT_MODES", "Guidance", "GuidanceSettings", "MeasurementLoss", "Needs", "NonFiniteStateError",
-           "Progress", "Solver", "StepState", "batch_compatible", "early_stop_field", "eta_field", "eta_function",
-           "eta_schedule_field", "grad_clamp_field", "gradient_field", "guided_sample", "normal_tensor",
-           "per_batch_l2", "per_batch_mse", "require_callables", "resolve_settings", "split_options", "update_field"]
+__all__ = ["ETA_MODES", "ETA_SCHEDULES", "GRADIENT_MODES", "DivergenceWatch", "Guidance", "GuidanceDivergenceWarning",
+           "GuidanceSettings", "MeasurementLoss", "Needs", "NonFiniteStateError", "Progress", "Solver", "StepState",
+           "auto_eta", "auto_target", "batch_compatible", "divergence_text", "early_stop_field", "eta_field",
+           "eta_function", "eta_mode_field", "eta_schedule_field", "grad_clamp_field", "gradient_field",
+           "guided_sample", "normal_tensor", "per_batch_l2", "per_batch_mse", "require_callables", "resolve_settings",
+           "split_options", "update_field"]
 
 GRADIENT_MODES = ("unet", "x0")
+ETA_MODES = ("fixed", "auto")
 ETA_SCHEDULES = ("constant", "sigma")
 #: ``progress(phase, done, total)``: called after every step (phase "step") and every inner iteration of a
 #: solver's own optimisation (e.g. "consistency"); the node glue checks Cancel and advances its bar there.
@@ -139,9 +144,19 @@ class MeasurementLoss:
 EARLY_STOP_TOOLTIP = "-1: run to the end. k: return the denoised estimate at step k."
 
 
-def eta_field(default: float, maximum: float, tooltip: str) -> Any:
-    """The guidance strength η (0 = plain sampling)."""
-    return setting(default, min=0.0, max=maximum, step=0.05, tooltip=tooltip)
+def eta_field(default: float, widget_max: float, tooltip: str) -> Any:
+    """The guidance strength η (0 = plain sampling): any non-negative value in the Python API, the widget up to
+    ``widget_max``."""
+    return setting(default, min=0.0, widget_max=widget_max, step=0.05, tooltip=tooltip)
+
+
+ETA_MODE_TOOLTIP = ("fixed: η is the step size (as before). auto: the step is set every step from the measurement's "
+                    "noise floor (Polyak's step towards it); η is then the most it may use (0 = off).")
+
+
+def eta_mode_field(tooltip: str = ETA_MODE_TOOLTIP) -> Any:
+    """How η is used (:data:`ETA_MODES`); optional, after the node's other inputs (saved workflows keep 'fixed')."""
+    return setting("fixed", choices=ETA_MODES, optional=True, tooltip=tooltip)
 
 
 def update_field(tooltip: str = "ddpm: ancestral DDPM step (the papers). euler: deterministic DDIM step.") -> Any:
@@ -196,6 +211,10 @@ class GuidanceSettings(Settings):
         """Does a run encode images back to latents (pixel-space solvers only)?"""
         return False
 
+    def takes_noise_floor(self) -> bool:
+        """Does the solver's function take ``noise_floor=`` (it declares :func:`eta_mode_field`)?"""
+        return any(s.name == "eta_mode" for s in self.specs())
+
 
 def resolve_settings(cls: type[GuidanceSettings], settings: GuidanceSettings | None, values: dict[str, Any]):
     """``settings`` (an instance of ``cls``, default ``cls()``) with ``values`` (widget / keyword values, ``none_as``
@@ -220,18 +239,21 @@ class Guidance:
     early_stop: int | None
     eta_schedule: str | Callable[[int, float], float]
     param: Parameterization
+    eta_mode: str = "fixed"
+    noise_floor: Any = None
 
     @classmethod
     def of(cls, settings: GuidanceSettings, parameterization: Parameterization | str = "vp",
            schedule: Callable[[int, float], float] | None = None, **fixed: Any) -> Guidance:
         """The fields of ``settings`` of the same name, ``fixed`` values for the ones a solver does not declare
         (ReSample's update), ``schedule`` (a callable ``eta_schedule`` option) and the parameterization."""
-        names = [f.name for f in dataclasses.fields(cls) if f.name != "param"]
+        names = [f.name for f in dataclasses.fields(cls) if f.name not in ("param", "noise_floor")]
         values = {n: getattr(settings, n) for n in names if hasattr(settings, n)}
         if schedule is not None:
             values["eta_schedule"] = schedule
         values.setdefault("eta_schedule", "constant")
         values.setdefault("early_stop", None)
+        values.setdefault("eta_mode", "fixed")
         return cls(**{**values, **fixed}, param=get_parameterization(parameterization))
 
 
@@ -355,13 +377,17 @@ def _check_finite(t: torch.Tensor, solver: Solver, i: int, sigma: float, what: s
         raise NonFiniteStateError(solver.name, i, sigma, what)
 
 
+def _mean(eta_i) -> float:
+    return float(eta_i.float().mean()) if isinstance(eta_i, torch.Tensor) else float(eta_i)
+
+
 def _report(trace, callback, solver: Solver, i, x, sigma, denoised, loss, extra, eta_i, g) -> dict | None:
     """Append step ``i``'s trace entry (returned) and call the callback."""
     fields = solver.report(i)
     entry = None
     if trace is not None:
         norms = [] if g is None else torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1).float().cpu().tolist()
-        entry = {"step": i, "sigma": float(sigma), "eta": float(eta_i), "loss": loss.float().cpu().tolist(),
+        entry = {"step": i, "sigma": float(sigma), "eta": _mean(eta_i), "loss": loss.float().cpu().tolist(),
                  "grad_norm": norms}
         if solver.has_extra:
             entry["extra_loss"] = extra.float().cpu().tolist()
@@ -369,10 +395,45 @@ def _report(trace, callback, solver: Solver, i, x, sigma, denoised, loss, extra,
         trace.append(entry)
     if callback is not None:
         info = {"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised,
-                f"{solver.key}_loss": loss, f"{solver.key}_eta": float(eta_i)}
+                f"{solver.key}_loss": loss, f"{solver.key}_eta": _mean(eta_i)}
         info.update({f"{solver.key}_{k}": v for k, v in fields.items()})
         callback(info)
     return entry
+
+
+# ------------------------------------------------------------------------------------------------ automatic eta
+#: The automatic rule's target for the consistency trace at VE noise level ``s``:
+#: ``floor * sqrt(AUTO_END**2 + (AUTO_SLOPE * s)**2)`` — loose while the estimate is still blurry, half the noise
+#: floor at the end (how these were found: docs/automatic-eta.md).
+AUTO_END = 0.5
+AUTO_SLOPE = 1.0
+
+
+def auto_target(floor: torch.Tensor, param: Parameterization, sigma: float) -> torch.Tensor:
+    """The consistency the automatic rule steers towards at this level (``[B]``; inf where the state is noise)."""
+    s = param.ve_sigma(sigma)
+    if not math.isfinite(s):
+        return torch.full_like(floor, math.inf)
+    return floor * math.sqrt(AUTO_END ** 2 + (AUTO_SLOPE * s) ** 2)
+
+
+def auto_eta(loss: torch.Tensor, g: torch.Tensor, target: torch.Tensor, ceiling: float) -> torch.Tensor:
+    """Per-batch eta ``[B]`` of the automatic rule: Polyak's step size ``(loss - target)+ / ||g||^2`` — the step
+    that would bring the loss down to the target to first order, none once it is there — at most ``ceiling``.
+
+    ``g`` is the loss's gradient in VP units (what the update subtracts), so the step ``eta * g`` changes the loss
+    by ``-eta ||g||^2`` to first order."""
+    dt = g.dtype
+    sq = g.reshape(g.shape[0], -1).pow(2).sum(1)
+    excess = (loss.to(dt) - target.to(dt)).clamp(min=0)
+    eta = torch.where(sq > 0, excess / sq.clamp(min=torch.finfo(dt).tiny), torch.zeros_like(sq))
+    return eta.clamp(max=ceiling)
+
+
+def _scaled(eta_i, g: torch.Tensor) -> torch.Tensor:
+    if isinstance(eta_i, torch.Tensor):
+        return eta_i.reshape(-1, *([1] * (g.dim() - 1))).to(g) * g
+    return eta_i * g
 
 
 # ------------------------------------------------------------------------------------------------ the loop
@@ -389,6 +450,80 @@ def _prepare(guidance: Guidance, sigmas, solver: Solver):
     return param, step_fn, eta_fn, n_steps
 
 
+class DivergenceWatch:
+    """Flags a run whose consistency climbs far above its best: the mean loss ``DIVERGENCE_FACTOR`` times above both
+    its minimum so far and the noise floor (when known).  :meth:`see` returns the report once (then None)."""
+
+    FACTOR = 10.0
+
+    def __init__(self, solver: str, floor: torch.Tensor | None):
+        self.solver = solver
+        self.floor = float(floor.float().mean()) if floor is not None else 0.0
+        self.best, self.best_step, self.flagged = math.inf, -1, False
+
+    def see(self, i: int, sigma: float, loss: torch.Tensor) -> dict | None:
+        value = float(loss.float().mean())
+        if not math.isfinite(value) or self.flagged:
+            return None
+        if value < self.best:
+            self.best, self.best_step = value, i
+            return None
+        if value <= self.FACTOR * max(self.best, self.floor):
+            return None
+        self.flagged = True
+        report = {"step": i, "sigma": sigma, "loss": value, "best": self.best, "best_step": self.best_step}
+        warnings.warn(divergence_text(report, self.solver), GuidanceDivergenceWarning, stacklevel=3)
+        return report
+
+
+class GuidanceDivergenceWarning(UserWarning):
+    """A guided run's consistency climbed far above its best (see :class:`DivergenceWatch`)."""
+
+
+def divergence_text(report: dict, solver: str = "") -> str:
+    """What a divergence report says to the user: where, how far, and what to change."""
+    return (f"{solver + ': ' if solver else ''}the guidance diverged at step {report['step']} (sigma {report['sigma']:.4g}): the consistency "
+            f"rose to {report['loss']:.4g}, {report['loss'] / max(report['best'], 1e-30):.0f}× its best "
+            f"({report['best']:.4g} at step {report['best_step']}); the result is likely washed out. Use eta_mode "
+            "'auto', a smaller eta or a gradient clamp (grad_clamp 1).")
+
+
+def _auto_floor(guidance: Guidance, solver: Solver, x: torch.Tensor) -> torch.Tensor | None:
+    """The noise floor as a ``[B]`` tensor (None when not given); 'auto' needs one."""
+    floor = guidance.noise_floor
+    if floor is None:
+        if guidance.eta_mode == "auto":
+            raise ValueError(f"{solver.name}: eta_mode='auto' needs noise_floor= (the consistency loss expected at the "
+                             "true image, e.g. sigma_y * sqrt(measurement size) for pixel noise sigma_y)")
+        return None
+    floor = torch.as_tensor(floor, dtype=torch.float64).reshape(-1).detach().cpu()
+    if floor.numel() not in (1, x.shape[0]) or not bool(torch.isfinite(floor).all()) or bool((floor < 0).any()):
+        raise ValueError(f"{solver.name}: noise_floor must be one finite value >= 0 or one per batch element "
+                         f"({x.shape[0]}), got {floor.tolist()}")
+    return floor.expand(x.shape[0]).clone()
+
+
+def _guided_step(model, x, sigma, sigma_next, s_in, extra_args, solver, guidance, param, eta_i, floor):
+    """One guided evaluation: ``(z0_hat, loss, extra, g in VP units, eta_i, target)`` (``eta_i`` a ``[B]`` tensor
+    and ``target`` the rule's consistency target in 'auto' mode, else unchanged and None)."""
+    denoised, loss, extra, g = _guided_estimate(model, x, sigma * s_in, extra_args, solver, guidance.gradient)
+    target = None
+    with torch.no_grad():
+        g = g.to(x.dtype) * param.vp_scale(sigma)  # gradient w.r.t. the VP latent (x0: Jacobian factor 1)
+        if guidance.eta_mode == "auto":
+            target = auto_target(floor.to(loss.device, loss.dtype), param, float(sigma))
+            eta_i = auto_eta(loss, g, target, eta_i)
+    return denoised, loss, extra, g, eta_i, target
+
+
+def _guided_update(x_next, g, eta_i, clamp, k_next):
+    """``x_next - eta_i * clamp(g) * k(sigma_next)`` (the fixed-eta arithmetic unchanged, bit for bit)."""
+    g = g.clamp(-clamp, clamp) if clamp is not None else g
+    if isinstance(eta_i, torch.Tensor):  # automatic: one eta per batch element
+        return x_next - k_next * _scaled(eta_i, g)
+    return x_next - (eta_i * k_next) * g
+
+
 def guided_sample(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict | None = None, callback=None,
                   disable=None, *, solver: Solver, guidance: Guidance, trace: list | None = None,
                   noise_sampler=None, progress: Progress | None = None) -> torch.Tensor:
@@ -397,27 +532,29 @@ def guided_sample(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict
 
     ``model(x, sigma_vec, **extra_args) -> z0_hat`` (``extra_args["seed"]`` seeds the noise like ComfyUI);
     ``callback`` gets ComfyUI's per-step dict plus the solver's fields; ``trace`` receives one dict per step
-    ``{"step", "sigma", "eta", "loss": [B], "grad_norm": [B] (empty when unguided), ...solver fields}``;
-    ``noise_sampler(sigma, sigma_next)`` replaces ComfyUI's seeded noise; ``progress(phase, done, total)`` is called
-    after each step and by the solver's inner loops.  Raises :class:`NonFiniteStateError` on NaN/inf.
+    ``{"step", "sigma", "eta" (the batch mean in 'auto'), "loss": [B], "grad_norm": [B] (empty when unguided),
+    ...solver fields}``, with ``"floor"`` when a noise floor is known, ``"target"`` in 'auto' mode and
+    ``"diverged"`` (a :class:`DivergenceWatch` report, also a :class:`GuidanceDivergenceWarning`) on the step where
+    the consistency ran away; ``noise_sampler(sigma, sigma_next)`` replaces ComfyUI's seeded noise;
+    ``progress(phase, done, total)`` is called after each step and by the solver's inner loops.  Raises
+    :class:`NonFiniteStateError` on NaN/inf.
     """
     extra_args = {} if extra_args is None else extra_args
     param, step_fn, eta_fn, n_steps = _prepare(guidance, sigmas, solver)
     eta, clamp, early_stop = float(guidance.eta), guidance.grad_clamp, guidance.early_stop
+    floor = _auto_floor(guidance, solver, x)
     if n_steps < 1:
         return x
     if noise_sampler is None and (param.stochastic(guidance.update) or solver.needs_noise):
         noise_sampler = make_noise_sampler(x, seed=extra_args.get("seed", None))
-    s_in = x.new_ones([x.shape[0]])
-    entry = None
+    s_in, entry, watch = x.new_ones([x.shape[0]]), None, DivergenceWatch(solver.name, floor)
     for i in _trange(n_steps, disable=disable) if _trange is not None else range(n_steps):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         eta_i = 0.0 if eta == 0 else eta_fn(i, float(sigma))
-        g = extra = None
+        g = extra = target = None
         if eta_i != 0 and early_stop != i:
-            denoised, loss, extra, g = _guided_estimate(model, x, sigma * s_in, extra_args, solver, guidance.gradient)
-            with torch.no_grad():
-                g = g.to(x.dtype) * param.vp_scale(sigma)  # gradient w.r.t. the VP latent (x0: Jacobian factor 1)
+            denoised, loss, extra, g, eta_i, target = _guided_step(model, x, sigma, sigma_next, s_in, extra_args,
+                                                                   solver, guidance, param, eta_i, floor)
         else:
             eta_i = 0.0
             report = trace is not None or callback is not None
@@ -425,13 +562,13 @@ def guided_sample(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict
                                                     solver.has_extra and trace is not None)
         _check_finite(denoised, solver, i, float(sigma), "denoised estimate")
         entry = _report(trace, callback, solver, i, x, sigma, denoised, loss, extra, eta_i, g)
+        _annotate(entry, floor, target, watch.see(i, float(sigma), loss) if g is not None else None)
         if early_stop == i:
             return denoised
         with torch.no_grad():
             x_next = step_fn(x, denoised, sigma, sigma_next, noise_sampler)
             if g is not None:
-                g = g.clamp(-clamp, clamp) if clamp is not None else g
-                x_next = x_next - (eta_i * param.vp_scale(sigma_next)) * g
+                x_next = _guided_update(x_next, g, eta_i, clamp, param.vp_scale(sigma_next))
         x_next = solver.post_step(StepState(i, sigma, sigma_next, denoised, noise_sampler, param, entry, progress),
                                   x_next)
         _check_finite(x_next, solver, i, float(sigma), "state")
@@ -439,3 +576,15 @@ def guided_sample(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict
         if progress is not None:
             progress("step", i + 1, n_steps)
     return solver.finish(x, entry, progress)
+
+
+def _annotate(entry: dict | None, floor, target, diverged: dict | None) -> None:
+    """Add the floor, the automatic rule's target and a divergence report to a step's trace entry."""
+    if entry is None:
+        return
+    if floor is not None:
+        entry["floor"] = floor.float().tolist()
+    if target is not None:
+        entry["target"] = target.float().cpu().tolist()
+    if diverged is not None:
+        entry["diverged"] = diverged

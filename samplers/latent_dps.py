@@ -47,7 +47,7 @@ class LatentDPSSettings(core.GuidanceSettings):
 
     OWNER = "Latent-DPS"
 
-    eta: float = core.eta_field(1.0, 50.0, "Measurement-guidance step size (PSLD's ω; 0 = plain sampling).")
+    eta: float = core.eta_field(1.0, 100.0, "Measurement-guidance step size (PSLD's ω; 0 = plain sampling).")
     gluing: float = setting(0.0, min=0.0, max=10.0, step=0.01,
                             tooltip="PSLD's gluing weight γ on ‖ẑ₀ − E(Aᵀy + (I − AᵀA)D(ẑ₀))‖²; 0 = Latent-DPS. PSLD "
                                     "used 0.1 with η 1. Linear degradations only (not JPEG).")
@@ -61,6 +61,7 @@ class LatentDPSSettings(core.GuidanceSettings):
                                                       "clamp).")
     early_stop: int | None = core.early_stop_field()
     eta_schedule: str = core.eta_schedule_field()
+    eta_mode: str = core.eta_mode_field()
 
     @property
     def gluing_weight(self) -> float:
@@ -217,7 +218,7 @@ def sample_latent_dps(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: 
                       adjoint: Callable[[torch.Tensor], torch.Tensor] | None = None,
                       settings: LatentDPSSettings | None = None, trace: list | None = None, noise_sampler=None,
                       progress: core.Progress | None = None, parameterization: Parameterization | str = "vp",
-                      **options) -> torch.Tensor:
+                      noise_floor=None, **options) -> torch.Tensor:
     """Latent-DPS (``gluing = 0``) or PSLD (``gluing > 0``) guided sampling; KSAMPLER function.
 
     Args:
@@ -232,7 +233,8 @@ def sample_latent_dps(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: 
         settings: a :class:`LatentDPSSettings`; ``**options`` are its fields by name laid over it (``gluing`` is
             PSLD's gamma, see the module docstring; ``grad_clamp`` 0/None and ``early_stop`` -1/None are off;
             ``eta_schedule`` may be a callable ``(i, sigma) -> factor``).
-        trace, noise_sampler, progress, parameterization: as for :func:`~.silo.sample_silo`; with gluing each trace entry also has
+        trace, noise_sampler, progress, parameterization, noise_floor: as for :func:`~.silo.sample_silo` (the floor
+            here is pixel noise: ``sigma_y * sqrt(number of measured values)``); with gluing each trace entry also has
             ``"extra_loss"`` = the gluing term as it enters the loss.
 
     Returns:
@@ -241,5 +243,6 @@ def sample_latent_dps(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: 
     settings, schedule = core.split_options(LatentDPSSettings, settings, options)
     solver = LatentDPSSolver(measurement, degradation, decoder, encoder, adjoint, settings)
     return core.guided_sample(model, x, sigmas, extra_args, callback, disable, solver=solver,
-                              guidance=core.Guidance.of(settings, parameterization, schedule), trace=trace,
+                              guidance=core.Guidance.of(settings, parameterization, schedule,
+                                                        noise_floor=noise_floor), trace=trace,
                               noise_sampler=noise_sampler, progress=progress)

@@ -61,6 +61,7 @@ from .core import (
     Solver,
     StepState,
     early_stop_field,
+    eta_mode_field,
     guided_sample,
     normal_tensor,
     require_callables,
@@ -104,7 +105,7 @@ class ReSampleSettings(GuidanceSettings):
     variance: str = setting("paper", choices=VARIANCE_SCHEDULES,
                             tooltip="Resampling variance: 'paper' σ² = γ(1−ᾱ_{t−1})/ᾱ_t·(1−ᾱ_t/ᾱ_{t−1}); 'reference' "
                                     "= γ × the DDPM posterior variance, as the authors' public code computes it.")
-    dps_eta: float = setting(0.0, min=0.0, max=50.0, step=0.05,
+    dps_eta: float = setting(0.0, min=0.0, widget_max=100.0, step=0.05,
                              tooltip="DPS guidance every step, through the UNet and the decoder (the authors' code: "
                                      "0.5). 0 = plain DDIM between consistency steps: this pack's default, much "
                                      "cheaper.")
@@ -121,6 +122,8 @@ class ReSampleSettings(GuidanceSettings):
                              tooltip="Optimiser of the consistency problem.")
     final_consistency: bool = setting(True, widget=False,
                                       tooltip="Optimise the final sample once more, as the authors' code does.")
+    eta_mode: str = eta_mode_field("fixed: dps_eta is the DPS step size. auto: the DPS steps are set every step "
+                                   "from the photo's noise floor; dps_eta is the most they may use (0 = off).")
 
     def unet_gradient(self) -> bool:
         """Only the optional DPS steps back-propagate through the UNet."""
@@ -287,7 +290,7 @@ def sample_resample(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: di
                     encoder: Callable[[torch.Tensor], torch.Tensor] | None = None,
                     settings: ReSampleSettings | None = None, degradation_kwargs: dict | None = None,
                     trace: list | None = None, noise_sampler=None, progress: Progress | None = None,
-                    parameterization: Parameterization | str = "vp", **options) -> torch.Tensor:
+                    parameterization: Parameterization | str = "vp", noise_floor=None, **options) -> torch.Tensor:
     """ReSample: DDIM + hard data consistency + stochastic resampling (KSAMPLER function; module docstring).
 
     Args:
@@ -306,6 +309,8 @@ def sample_resample(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: di
         progress: optional ``progress(phase, done, total)``: phase "step" after every step, "consistency" and
             "final consistency" after every optimiser iteration (raise from it to cancel).
         parameterization: the model's noise parameterization (as for :func:`~.silo.sample_silo`).
+        noise_floor: ``sigma_y * sqrt(number of measured values)``, for ``eta_mode="auto"`` DPS steps (at most
+            ``dps_eta * abar``).
 
     Returns:
         The final latent (or ``z0_hat`` at ``early_stop``).
@@ -314,6 +319,7 @@ def sample_resample(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: di
     solver = ReSampleSolver(measurement, degradation, decoder, encoder, sigmas, settings, degradation_kwargs)
     param = get_parameterization(parameterization)
     guidance = Guidance.of(settings, param, schedule=lambda i, s: param.alpha_bar(s),  # dps_eta * abar(sigma_i)
-                           eta=settings.dps_eta, update="euler", gradient="unet", grad_clamp=None)
+                           eta=settings.dps_eta, update="euler", gradient="unet", grad_clamp=None,
+                           noise_floor=noise_floor)
     return guided_sample(model, x, sigmas, extra_args, callback, disable, solver=solver, guidance=guidance,
                          trace=trace, noise_sampler=noise_sampler, progress=progress)

@@ -38,6 +38,7 @@ from .core import (
     Solver,
     early_stop_field,
     eta_field,
+    eta_mode_field,
     eta_schedule_field,
     grad_clamp_field,
     gradient_field,
@@ -59,7 +60,7 @@ class SiloSettings(GuidanceSettings):
     OWNER = "SILO"
     NEEDS = Needs(operator=True)
 
-    eta: float = eta_field(0.5, 20.0, "Guidance strength η (paper: 0.5; 1.0 for inpainting; larger with fewer "
+    eta: float = eta_field(0.5, 100.0, "Guidance strength η (paper: 0.5; 1.0 for inpainting; larger with fewer "
                                       "steps). 0 = plain sampling.")
     update: str = update_field("ddpm: the paper's ancestral DDPM step. euler: deterministic DDIM/Euler step.")
     gradient: str = gradient_field("unet: back-propagate through the UNet (the paper). x0: gradient at the denoised "
@@ -69,6 +70,7 @@ class SiloSettings(GuidanceSettings):
                                               "estimate at step k (smoother, distortion-optimised).")
     eta_schedule: str = eta_schedule_field("constant (the paper), or sigma: η times the VP noise fraction "
                                            "sqrt(1 − ᾱ) relative to the first step's (decays to 0).")
+    eta_mode: str = eta_mode_field()
 
 
 class SiloSolver(Solver):
@@ -102,7 +104,7 @@ def sample_silo(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict |
                 settings: SiloSettings | None = None, operator_kwargs: dict | None = None, trace: list | None = None,
                 noise_sampler=None, extra_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
                 progress: Progress | None = None, parameterization: Parameterization | str = "vp",
-                **options) -> torch.Tensor:
+                noise_floor=None, **options) -> torch.Tensor:
     """SILO guided sampling (KSAMPLER function; see the module docstring and :mod:`.core` for the step).
 
     Args:
@@ -124,6 +126,10 @@ def sample_silo(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict |
         progress: optional ``progress(phase, done, total)`` called after every step.
         parameterization: the model's noise parameterization (``"vp"``, ``"flow"`` or a
             :class:`~.parameterization.Parameterization`; the node glue reads it from the model).
+        noise_floor: the loss expected at the true image, ``E || w - H(E(x)) ||`` (one value or one per batch
+            element; the node glue estimates it at Encode Measurement and adds the operator's held-out error).
+            Needed by ``eta_mode="auto"`` (η is then set every step, at most ``eta``); with it, the trace also
+            records the floor.
 
     Returns:
         The final sample (or ``z0_hat`` at ``early_stop``).
@@ -131,5 +137,5 @@ def sample_silo(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict |
     settings, schedule = split_options(SiloSettings, settings, options)
     solver = SiloSolver(measurement, operator, operator_kwargs, extra_loss)
     return guided_sample(model, x, sigmas, extra_args, callback, disable, solver=solver,
-                         guidance=Guidance.of(settings, parameterization, schedule), trace=trace,
+                         guidance=Guidance.of(settings, parameterization, schedule, noise_floor=noise_floor), trace=trace,
                          noise_sampler=noise_sampler, progress=progress)

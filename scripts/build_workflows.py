@@ -43,39 +43,43 @@ COMMON_NOTE = (
     "4. Queue. The result is saved under output/silo/; the preview shows the photo next to the restoration. The "
     "nodes show their results: SILO KSampler and the chart how consistency with the photo fell step by step, "
     "Restoration Metrics how well the result explains the photo (RMSE next to the noise floor).\n\n"
-    "Settings: the paper samples 999 DDPM steps with eta 0.5 (1.0 for inpainting) and CFG 1. With fewer steps a "
-    "larger eta is needed: {steps} steps with eta {eta} is a starting point. gradient 'x0' is faster and needs far "
+    "Settings: {steps} steps with eta_mode 'auto': the guidance strength is set every step from the photo's noise "
+    "floor (SILO KSampler's text shows the floor and the eta it chose; eta is its ceiling). To set eta by hand, switch "
+    "eta_mode to 'fixed': the paper samples 999 DDPM steps with eta 0.5 (1.0 for inpainting) at CFG 1, and fewer steps "
+    "need a larger eta (about 1 at 250 steps, 2 for inpainting). gradient 'x0' is faster and needs far "
     "less VRAM (no backward pass through the UNet). early_stop k returns the denoised estimate at step k: smoother, "
     "closer to the photo (less hallucinated detail)."
 )
 
 STEPS = 250
-# SILO's eta in the SD1.x graphs: an explicit override of its default (SiloSettings().eta, the paper's 0.5 at 999
-# steps). These graphs sample STEPS steps, and fewer steps need a stronger pull; inpainting twice as strong, as in the
-# paper. Every other SILO value of every graph is its settings' default.
-ETA, INPAINT_ETA = 1.0, 2.0
+# The guidance strength of every shipped graph: set automatically from the photo's noise floor (issue 21), with eta
+# as its ceiling at the widget's top, so that auto chooses. An explicit override of the settings' defaults ('fixed',
+# the paper's 0.5 at 999 steps), which keep saved workflows as they were. Every other solver value of every graph is
+# its settings' default.
+AUTO_ETA_CEILING = 100.0
+AUTO = {"eta_mode": "auto", "eta": AUTO_ETA_CEILING}
 
-# (file stem, title, degradation widgets, operator stem, eta, photo hint, extra note)
+# (file stem, title, degradation widgets, operator stem, photo hint, extra note)
 TASKS = [
     ("silo_gaussian_deblur", "Gaussian deblur",
-     {"type": "gaussian_blur", "blur_kernel_size": 61, "blur_sigma": 3.0}, "gaussian_blur_sd15", ETA,
+     {"type": "gaussian_blur", "blur_kernel_size": 61, "blur_sigma": 3.0}, "gaussian_blur_sd15",
      " (sides a multiple of 8, e.g. 512x512)", ""),
     ("silo_super_resolution_x4", "Super-resolution x4",
-     {"type": "super_resolution", "sr_factor": 4}, "super_resolution_x4_sd15", ETA,
+     {"type": "super_resolution", "sr_factor": 4}, "super_resolution_x4_sd15",
      " (the SMALL photo, e.g. 128x128 for a 512x512 result; its sides times 4 must be multiples of 8)", ""),
     ("silo_super_resolution_x8", "Super-resolution x8",
-     {"type": "super_resolution", "sr_factor": 8}, "super_resolution_x8_sd15", ETA,
+     {"type": "super_resolution", "sr_factor": 8}, "super_resolution_x8_sd15",
      " (the SMALL photo, e.g. 64x64 for a 512x512 result)", ""),
     ("silo_box_inpainting", "Box inpainting",
      {"type": "box_inpaint", "box_top": 128, "box_left": 128, "box_height": 256, "box_width": 256},
-     "box_inpaint_sd15", INPAINT_ETA, " whose missing box is given by the Degradation node's box_* widgets (pixels)", ""),
+     "box_inpaint_sd15", " whose missing box is given by the Degradation node's box_* widgets (pixels)", ""),
     ("silo_mask_inpainting", "Mask inpainting (draw the mask)",
-     {"type": "mask_inpaint"}, "mask_inpaint_sd15", INPAINT_ETA,
+     {"type": "mask_inpaint"}, "mask_inpaint_sd15",
      "; right-click it → Open in MaskEditor and paint the missing region (painted = missing)",
      "The operator must be trained for mask_inpaint (it then takes the mask as an extra input and works for any "
      "mask)."),
     ("silo_jpeg_restoration", "JPEG restoration",
-     {"type": "jpeg", "jpeg_quality": 10}, "jpeg_q10_sd15", ETA, " (a heavily compressed JPEG)", ""),
+     {"type": "jpeg", "jpeg_quality": 10}, "jpeg_q10_sd15", " (a heavily compressed JPEG)", ""),
 ]
 
 # Other model families (README "Model families"): what a user of each loads, and the settings to start from.
@@ -83,7 +87,7 @@ SDXL_CHECKPOINT = "sd_xl_base_1.0.safetensors"
 FLUX_MODEL, FLUX_CLIP_L, FLUX_T5, FLUX_VAE = ("flux1-dev.safetensors", "clip_l.safetensors", "t5xxl_fp16.safetensors",
                                               "ae.safetensors")
 FLUX_GUIDANCE = 3.5
-# (their SILO settings, eta included, are SiloSettings' defaults)
+# (their SILO settings are SiloSettings' defaults but for AUTO, as in every graph)
 FAMILIES = {
     "sdxl": {"label": "SDXL", "steps": 200, "scheduler": "normal", "size": 1024, "batch": 4,
              "operator": "gaussian_blur_sdxl"},
@@ -120,11 +124,13 @@ FAMILY_NOTE = (
     "closer to the photo (less hallucinated detail)."
 )
 FAMILY_SETTINGS = {
-    "sdxl": ("{steps} DDPM steps with eta {eta} (1.0 for inpainting) at CFG 1 are a starting point (100-200 steps; "
-             "fewer steps need a larger eta)."),
+    "sdxl": ("{steps} DDPM steps at CFG 1 with eta_mode 'auto' (the strength set every step from the photo's noise "
+             "floor; eta is its ceiling) are a starting point (100-200 steps). With eta_mode 'fixed', fewer steps need a "
+             "larger eta (about 1 at 200 steps)."),
     "flux": ("Flux is a flow-matching model: SILO reads that from the model and guides in the flow parameterization; "
              "eta is in the paper's units, so the same eta pulls about as hard as on SD1.5. {steps} steps (scheduler "
-             "simple) with eta {eta} (1.0 for inpainting) are a starting point. CFG stays 1: Flux dev is "
+             "simple) with eta_mode 'auto' (set every step from the photo's noise floor; eta is its ceiling) are a "
+             "starting point. CFG stays 1: Flux dev is "
              "guidance-distilled and FluxGuidance {guidance} on the prompt sets its strength; the negative input "
              "takes the same conditioning (not evaluated at CFG 1)."),
 }
@@ -199,16 +205,16 @@ def settings_widgets(kind: str) -> dict:
     return {s.name: s.widget_default for s in cls.specs() if s.widget}  # the declaration's defaults, as widgets show them
 
 
-def _restoration_note(operator_stem: str, eta: float, photo_hint: str, extra: str, compare: bool,
+def _restoration_note(operator_stem: str, photo_hint: str, extra: str, compare: bool,
                       family: str) -> tuple[str, int, str]:
     """``(note, steps, scheduler)`` of a restoration graph."""
     steps, scheduler = STEPS, "normal"
     if family == "sd15":
-        note = COMMON_NOTE.format(photo_hint=photo_hint, operator_stem=operator_stem, steps=STEPS, eta=eta)
+        note = COMMON_NOTE.format(photo_hint=photo_hint, operator_stem=operator_stem, steps=STEPS)
     else:
         fam = FAMILIES[family]
         steps, scheduler = fam["steps"], fam["scheduler"]
-        settings = FAMILY_SETTINGS[family].format(steps=steps, eta=eta, guidance=FLUX_GUIDANCE)
+        settings = FAMILY_SETTINGS[family].format(steps=steps, guidance=FLUX_GUIDANCE)
         note = FAMILY_NOTE.format(label=fam["label"], load=FAMILY_LOAD[family], size=fam["size"],
                                   train=_train_stem(family), operator_stem=operator_stem, settings=settings)
     if compare:
@@ -223,12 +229,10 @@ def _restoration_note(operator_stem: str, eta: float, photo_hint: str, extra: st
     return note, steps, scheduler
 
 
-def _restoration(b, title: str, deg_widgets: dict, operator_stem: str, eta: float | None, photo_hint: str,
-                 extra: str, compare: bool = False, family: str = "sd15") -> None:
-    """A SILO restoration graph (``compare``: of a photo degraded in the graph, next to the two baselines).
-    ``eta``: SILO's, None for its settings' default."""
-    eta = settings_widgets("silo")["eta"] if eta is None else eta
-    note, steps, scheduler = _restoration_note(operator_stem, eta, photo_hint, extra, compare, family)
+def _restoration(b, title: str, deg_widgets: dict, operator_stem: str, photo_hint: str, extra: str,
+                 compare: bool = False, family: str = "sd15") -> None:
+    """A SILO restoration graph (``compare``: of a photo degraded in the graph, next to the two baselines)."""
+    note, steps, scheduler = _restoration_note(operator_stem, photo_hint, extra, compare, family)
     cols = _columns(_top(note), *((380, 360, 340, 380, 300, 380, 380) if compare else (380, 360, 340, 380, 380, 480)))
     model, _clip, vae, positive, negative, model_nodes = _model_and_prompt(b, cols[0], family)
     photo = b.node("LoadImage", cols[1], {"image": "example.png"}, title="Clean photo" if compare else
@@ -246,7 +250,7 @@ def _restoration(b, title: str, deg_widgets: dict, operator_stem: str, eta: floa
     sampling = {"seed": 0, "steps": steps, "cfg": 1.0, "scheduler": scheduler, "denoise": 1.0}
     common = {"model": model, "positive": positive, "negative": negative,
               "latent_image": enc.out("LATENT"), "measurement": enc.out("MEASUREMENT")}
-    ks = b.node("SILOKSampler", cols[3], {**sampling, **settings_widgets("silo"), "eta": eta},
+    ks = b.node("SILOKSampler", cols[3], {**sampling, **settings_widgets("silo"), **AUTO},
                 {**common, "operator": op.out()})
     dec = b.node("VAEDecode", cols[4], None, {"samples": ks.out("LATENT"), "vae": vae})
     prefix = "silo/" + title.lower().split(" (")[0].replace(" ", "_").replace("-", "_")
@@ -267,9 +271,9 @@ def _restoration(b, title: str, deg_widgets: dict, operator_stem: str, eta: floa
 
 
 def _baselines(b, col, sampling: dict, inputs: dict) -> tuple:
-    """Latent DPS and ReSample (no operator, the VAE in every step) at their settings' defaults, on the inputs SILO
-    gets."""
-    dps = b.node("SILOLatentDPSKSampler", col, {**sampling, **settings_widgets("latent_dps")}, inputs,
+    """Latent DPS (automatic eta, as SILO) and ReSample (no operator, the VAE in every step) at their settings'
+    defaults, on the inputs SILO gets."""
+    dps = b.node("SILOLatentDPSKSampler", col, {**sampling, **settings_widgets("latent_dps"), **AUTO}, inputs,
                  title="Latent DPS (baseline)")
     rs = b.node("SILOReSampleKSampler", col, {**sampling, **settings_widgets("resample")}, inputs,
                 title="ReSample (baseline)")
@@ -418,7 +422,7 @@ def uncertainty_workflow(b) -> None:
         "mean explains the photo (consistency next to the noise floor).\n\n"
         "Swap the SILO Sampler for Latent DPS / PSLD Sampler or ReSample Sampler (no operator needed, much slower) to "
         "compare how sure each solver is. More seeds give a steadier map; 4 is a quick look, 16+ a report. "
-        f"{STEPS} DDPM steps with eta {ETA} at CFG 1 (Basic Guider) as in the other workflows.")
+        f"{STEPS} DDPM steps with eta_mode 'auto' at CFG 1 (Basic Guider) as in the other workflows.")
     c0, c1, c2, c3, c4, c5 = _columns(_top(text), 380, 360, 340, 360, 380, 380)
     ckpt = b.node("CheckpointLoaderSimple", c0, {"ckpt_name": CHECKPOINT})
     pos = b.node("CLIPTextEncode", c0, {"text": POSITIVE}, {"clip": ckpt.out("CLIP")}, title="Positive",
@@ -428,7 +432,7 @@ def uncertainty_workflow(b) -> None:
     enc = b.node("SILOEncodeMeasurement", c2, {"noise_sigma": 0.01},
                  {"image": photo.out("IMAGE"), "vae": ckpt.out("VAE"), "degradation": deg.out("DEGRADATION")})
     op = b.node("SILOLatentOperatorLoader", c2, {"operator_name": "gaussian_blur_sd15.safetensors"})
-    sampler = b.node("SILOSampler", c2, {**settings_widgets("silo"), "eta": ETA},
+    sampler = b.node("SILOSampler", c2, {**settings_widgets("silo"), **AUTO},
                      {"model": ckpt.out("MODEL"), "measurement": enc.out("MEASUREMENT"), "operator": op.out()})
     guider = b.node("BasicGuider", c3, None, {"model": ckpt.out("MODEL"), "conditioning": pos.out()})
     sigmas = b.node("BasicScheduler", c3, {"scheduler": "normal", "steps": STEPS, "denoise": 1.0},
@@ -453,17 +457,17 @@ def uncertainty_workflow(b) -> None:
 
 def workflow_specs() -> dict[str, tuple[str, Callable]]:
     specs: dict[str, tuple[str, Callable]] = {}
-    for stem, title, deg, op, eta, hint, extra in TASKS:
-        specs[stem] = (title, lambda b, t=title, d=deg, o=op, e=eta, h=hint, x=extra: _restoration(b, t, d, o, e, h, x))
+    for stem, title, deg, op, hint, extra in TASKS:
+        specs[stem] = (title, lambda b, t=title, d=deg, o=op, h=hint, x=extra: _restoration(b, t, d, o, h, x))
     specs["silo_train_operator_from_generated_images"] = ("Train an operator from generated images", train_workflow)
     specs["silo_degrade_restore_compare"] = (
         "Degrade, restore and compare",
-        lambda b: _restoration(b, "Degrade restore compare", BLUR, "gaussian_blur_sd15", ETA, "", "", compare=True))
+        lambda b: _restoration(b, "Degrade restore compare", BLUR, "gaussian_blur_sd15", "", "", compare=True))
     specs["silo_uncertainty"] = ("Uncertainty from several seeds", uncertainty_workflow)
     for family, fam in FAMILIES.items():
         title = f"{fam['label']} Gaussian deblur"
         specs[f"silo_{family}_gaussian_deblur"] = (
-            title, lambda b, t=title, f=family, o=fam["operator"]: _restoration(b, t, BLUR, o, None, "", "", family=f))
+            title, lambda b, t=title, f=family, o=fam["operator"]: _restoration(b, t, BLUR, o, "", "", family=f))
         specs[_train_stem(family)] = (f"Train an operator for {fam['label']}",
                                       lambda b, f=family: train_workflow(b, f))
     return specs

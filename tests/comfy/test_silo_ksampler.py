@@ -286,3 +286,29 @@ def test_silo_gradients_go_through_a_unet_compiled_by_the_host(comfy_host, sd15_
             assert [t["grad_norm"][0] for t in trace] == pytest.approx([t["grad_norm"][0] for t in ref_trace], rel=1e-4)
     finally:
         torch._dynamo.reset()
+
+
+def test_auto_eta_on_the_node_shows_the_floor_and_the_eta_path(comfy_host, sd15_small):
+    """eta_mode auto (issue 21): Encode Measurement encodes the photo once more under fresh noise, the floor reaches
+    the sampler, and the node's text reports it with the η path; an untrained operator's file has no held-out error,
+    so the floor is the encoder's noise term alone."""
+    from comfyui_silo.nodes.solvers import latent_floor
+
+    model, clip, vae = sd15_small
+    (cond,) = comfy_host.run_node("CLIPTextEncode", text="a photo", clip=clip)
+    meas, latent = _blur_measurement(comfy_host, vae)
+    assert meas.latent_jitter is not None and meas.latent_jitter.shape == meas.latent.shape
+    assert not torch.equal(meas.latent_jitter, meas.latent)
+    op = _operator(comfy_host, SD15)
+    w = (meas.latent * 0.18215).clamp(-4, 4)
+    floor = latent_floor(model, meas, w, {})
+    expected = ((meas.latent_jitter * 0.18215).clamp(-4, 4) - w).flatten(1).norm(dim=1)
+    assert torch.allclose(floor.float(), expected.float(), rtol=1e-4) and float(floor[0]) > 0
+    with_op = latent_floor(model, meas, w, {"heldout": {"operator": {"mse": 0.01}}})
+    assert float(with_op[0]) ** 2 == pytest.approx(float(floor[0]) ** 2 + 0.01 * w[0].numel(), rel=1e-6)
+    out, trace = _run(comfy_host, model, cond, latent, meas, op, eta=20.0, eta_mode="auto")
+    assert torch.isfinite(out["samples"]).all()
+    assert all(e["floor"] == [pytest.approx(float(floor[0]), rel=1e-5)] for e in trace)
+    text = "\n".join(comfy_host.last_ui["text"])
+    assert "noise floor" in text and "η auto: first" in text
+    assert all(e["eta"] <= 20.0 for e in trace)  # η is the ceiling in auto

@@ -122,9 +122,13 @@ def test_a_default_changed_in_the_settings_reaches_widget_cli_help_page_and_work
     assert "(default 0.75" in " ".join(parser.format_help().split())  # the CLI's help
     assert silo.SiloSettings.from_cli(parser.parse_args([])).eta == 0.75  # ... and what it runs with
     assert "Default 0.75 (paper" in pages.help_page(ks)  # the help page
-    etas = {w["eta"] for stem, node_type, w in _shipped_widgets(_builder()) if node_type == "SILOKSampler"
-            and stem == "silo_sdxl_gaussian_deblur"}
-    assert etas == {0.75}  # the generated workflows (a graph that keeps SILO's default)
+    # the generated workflows: every shipped graph sets eta automatically (eta_mode auto, eta its ceiling), so a
+    # changed default of another SILO field shows what reaches them
+    for cls in {silo.SiloSettings, SiloSettings}:
+        _with_default(monkeypatch, cls, "grad_clamp", 0.5)
+    shipped = [w for _stem, node_type, w in _shipped_widgets(_builder()) if node_type == "SILOKSampler"]
+    assert shipped and {w["grad_clamp"] for w in shipped} == {0.5}
+    assert {(w["eta_mode"], w["eta"]) for w in shipped} == {("auto", 100.0)}
 
 
 class _Recorder:

@@ -24,9 +24,10 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ToyDenoiser", "ToyGaussianWorld", "flow_sigmas", "karras_sigmas", "vp_sigmas"]
+__all__ = ["PixelToyWorld", "ToyDenoiser", "ToyGaussianWorld", "flow_sigmas", "karras_sigmas", "vp_sigmas"]
 
 OPERATOR_KINDS = ("blur", "downsample")
 
@@ -240,3 +241,55 @@ class ToyDenoiser(nn.Module):
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, **extra_args) -> torch.Tensor:
         self.calls += 1
         return self.world.exact_denoiser(x, sigma) * self.scale
+
+
+class PixelToyWorld:
+    """:class:`ToyGaussianWorld` + a linear decoder/encoder (``E = pinv(D)``) + pixel-space degradations with
+    analytic posteriors: ``y = A(D z* + n)``, ``n ~ N(0, sigma_y^2)``, so the posterior is Gaussian with
+    ``M = A D`` (the Latent-DPS / PSLD / ReSample toy)."""
+
+    def __init__(self, seed: int = 0, sigma_y: float = 0.05):
+        from comfyui_silo.operators.degradations import BoxInpaint
+
+        self.sigma_y = float(sigma_y)
+        self.world = ToyGaussianWorld(seed=seed)
+        g = torch.Generator().manual_seed(100 + seed)
+        u, _ = torch.linalg.qr(torch.randn(64, 32, generator=g, dtype=torch.float64))
+        v, _ = torch.linalg.qr(torch.randn(32, 32, generator=g, dtype=torch.float64))
+        self.Dm = (u * torch.linspace(0.8, 1.5, 32, dtype=torch.float64)) @ v.T  # [64, 32]
+        self.Em = torch.linalg.pinv(self.Dm)  # [32, 64], Em @ Dm = I
+        self.box = BoxInpaint(1, 1, 6, 6)
+
+    def dec(self, z):
+        return (z.reshape(z.shape[0], 32) @ self.Dm.T).reshape(z.shape[0], 1, 8, 8)
+
+    def enc(self, im):
+        return (im.reshape(im.shape[0], 64) @ self.Em.T).reshape(im.shape[0], 2, 4, 4)
+
+    @staticmethod
+    def down(im):  # orthonormal rows: A A^T = I
+        return 2.0 * F.avg_pool2d(im, 2)
+
+    @staticmethod
+    def down_adj(y):
+        return F.interpolate(y, scale_factor=2, mode="nearest") / 2.0
+
+    def matrix(self, op):
+        """``A D`` as a dense [m_out, 32] matrix (probing ``op`` with the image basis)."""
+        a = op(torch.eye(64, dtype=torch.float64).reshape(64, 1, 8, 8)).reshape(64, -1).T
+        return a @ self.Dm
+
+    def measure(self, op, seed: int = 1):
+        g = torch.Generator().manual_seed(seed)
+        clean = self.dec(self.world.sample_prior(1, g))
+        return op(clean + self.sigma_y * torch.randn(clean.shape, generator=g, dtype=torch.float64))
+
+    def posterior_mean(self, op, y):
+        m = self.matrix(op)
+        s = self.world.cov
+        k = m @ s @ m.T + self.sigma_y**2 * torch.eye(m.shape[0], dtype=torch.float64)
+        return (self.world.mu + s @ m.T @ torch.linalg.solve(k, y.flatten() - m @ self.world.mu)).reshape(2, 4, 4)
+
+    def noise_floor(self, op):
+        m_obs = int((self.matrix(op).abs().sum(1) > 0).sum())  # box: masked pixels carry no noise
+        return self.sigma_y * math.sqrt(m_obs)

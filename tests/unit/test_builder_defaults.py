@@ -100,25 +100,28 @@ def _with_default(monkeypatch, kind: str, name: str, value):
     monkeypatch.setattr(importlib.import_module(SETTINGS[kind][0]), cls.__name__, patched)
 
 
-def test_every_solver_and_training_widget_is_its_settings_default_but_the_documented_etas(builder):
+OVERRIDDEN = {"silo": {"eta", "eta_mode"}, "latent_dps": {"eta", "eta_mode"}, "train": {"filename"}}
+
+
+def test_every_solver_and_training_widget_is_its_settings_default_but_the_documented_automatic_eta(builder):
     graphs = _graphs(builder)
     for kind, node_types in NODES.items():
         defaults = _defaults(kind)
+        overridden = OVERRIDDEN.get(kind, set())
         for widgets in _widgets(graphs, node_types):
-            overridden = {"eta"} if kind == "silo" else {"filename"} if kind == "train" else set()
             assert {k: widgets[k] for k in defaults if k not in overridden} == \
                 {k: v for k, v in defaults.items() if k not in overridden}, (kind, widgets)
-    families = {f"silo_{f}_gaussian_deblur" for f in builder.FAMILIES}
-    assert {w["eta"] for w in _widgets(graphs, NODES["silo"], families)} == {_defaults("silo")["eta"]}
-    sd1 = {stem: eta for stem, _t, _d, _o, eta, _h, _x in builder.TASKS}
-    for stem, eta in sd1.items():
-        assert [w["eta"] for w in _widgets(graphs, NODES["silo"], {stem})] == [eta]
-    assert set(sd1.values()) == {builder.ETA, builder.INPAINT_ETA} and _defaults("silo")["eta"] not in sd1.values()
+    # every shipped SILO and Latent-DPS node sets its strength automatically, eta its ceiling (issue 21); the
+    # settings' own default stays 'fixed' so that saved workflows run as before
+    for kind in ("silo", "latent_dps"):
+        widgets = _widgets(graphs, NODES[kind])
+        assert widgets and {(w["eta_mode"], w["eta"]) for w in widgets} == {("auto", builder.AUTO_ETA_CEILING)}
+        assert _defaults(kind)["eta_mode"] == "fixed"
 
 
 @pytest.mark.parametrize(("kind", "name", "value"), [
-    ("silo", "eta", 0.85), ("silo", "grad_clamp", 0.5), ("silo", "gradient", "x0"), ("silo", "early_stop", 7),
-    ("latent_dps", "eta", 3.0), ("latent_dps", "gluing_norm", "plain"),
+    ("silo", "eta", 0.85), ("silo", "update", "euler"), ("silo", "grad_clamp", 0.5), ("silo", "gradient", "x0"), ("silo", "early_stop", 7),
+    ("latent_dps", "eta", 3.0), ("latent_dps", "gluing", 0.2), ("latent_dps", "gluing_norm", "plain"),
     ("resample", "latent_steps", 123), ("resample", "gamma", 12.5),
     ("train", "crop_size", 128), ("train", "learning_rate", 2e-3), ("train", "steps", 777),
 ])
@@ -126,13 +129,11 @@ def test_a_changed_default_changes_the_generated_workflows(builder, monkeypatch,
     before, default = _graphs(builder), _defaults(kind)[name]
     _with_default(monkeypatch, kind, name, value)
     after = _graphs(builder)
-    stems = ({f"silo_{f}_gaussian_deblur" for f in builder.FAMILIES} if (kind, name) == ("silo", "eta")
-             else None)  # the SD1.x graphs override eta on purpose (see below)
-    assert {w[name] for w in _widgets(after, NODES[kind], stems)} == {value}
-    assert {w[name] for w in _widgets(before, NODES[kind], stems)} == {default} != {value}
-    if (kind, name) == ("silo", "eta"):  # the explicit override of the SD1.x graphs stays
-        for stem, _t, _d, _o, eta, _h, _x in builder.TASKS:
-            assert [w["eta"] for w in _widgets(after, NODES["silo"], {stem})] == [eta]
+    if name in OVERRIDDEN.get(kind, set()):  # the graphs override it on purpose: a new default does not reach them
+        assert {w[name] for w in _widgets(after, NODES[kind])} == {w[name] for w in _widgets(before, NODES[kind])}
+        return
+    assert {w[name] for w in _widgets(after, NODES[kind])} == {value}
+    assert {w[name] for w in _widgets(before, NODES[kind])} == {default} != {value}
     if (kind, name) == ("train", "steps"):  # the training notes quote the recipe
         notes = [n for stem, rec in after.items() if "train_operator" in stem for n in rec.notes]
         assert notes and all(f"{value} steps on a pool of" in n for n in notes)

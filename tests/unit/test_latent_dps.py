@@ -28,10 +28,10 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
-from support.toy import ToyDenoiser, ToyGaussianWorld, flow_sigmas, karras_sigmas, vp_sigmas
+from support.toy import PixelToyWorld as Toy
+from support.toy import ToyDenoiser, flow_sigmas, karras_sigmas, vp_sigmas
 
-from comfyui_silo.operators.degradations import JPEG, BoxInpaint
+from comfyui_silo.operators.degradations import JPEG
 from comfyui_silo.samplers.latent_dps import LatentDPSSettings, psld_gluing_loss, sample_latent_dps
 from comfyui_silo.samplers.silo import sample_silo
 from comfyui_silo.samplers.steps import get_update, make_noise_sampler
@@ -41,53 +41,6 @@ pytestmark = pytest.mark.unit
 DT = torch.float64
 SIGMA_Y = 0.05
 B = 128
-
-
-class Toy:
-    """World + linear decoder/encoder + two pixel-space degradations with analytic posteriors."""
-
-    def __init__(self, seed: int = 0):
-        self.world = ToyGaussianWorld(seed=seed)
-        g = torch.Generator().manual_seed(100 + seed)
-        u, _ = torch.linalg.qr(torch.randn(64, 32, generator=g, dtype=DT))
-        v, _ = torch.linalg.qr(torch.randn(32, 32, generator=g, dtype=DT))
-        self.Dm = (u * torch.linspace(0.8, 1.5, 32, dtype=DT)) @ v.T  # [64, 32]
-        self.Em = torch.linalg.pinv(self.Dm)  # [32, 64], Em @ Dm = I
-        self.box = BoxInpaint(1, 1, 6, 6)
-
-    def dec(self, z):
-        return (z.reshape(z.shape[0], 32) @ self.Dm.T).reshape(z.shape[0], 1, 8, 8)
-
-    def enc(self, im):
-        return (im.reshape(im.shape[0], 64) @ self.Em.T).reshape(im.shape[0], 2, 4, 4)
-
-    @staticmethod
-    def down(im):  # orthonormal rows: A A^T = I
-        return 2.0 * F.avg_pool2d(im, 2)
-
-    @staticmethod
-    def down_adj(y):
-        return F.interpolate(y, scale_factor=2, mode="nearest") / 2.0
-
-    def matrix(self, op):
-        """``A D`` as a dense [m_out, 32] matrix (probing ``op`` with the image basis)."""
-        a = op(torch.eye(64, dtype=DT).reshape(64, 1, 8, 8)).reshape(64, -1).T
-        return a @ self.Dm
-
-    def measure(self, op, seed: int = 1):
-        g = torch.Generator().manual_seed(seed)
-        clean = self.dec(self.world.sample_prior(1, g))
-        return op(clean + SIGMA_Y * torch.randn(clean.shape, generator=g, dtype=DT))
-
-    def posterior_mean(self, op, y):
-        m = self.matrix(op)
-        s = self.world.cov
-        k = m @ s @ m.T + SIGMA_Y**2 * torch.eye(m.shape[0], dtype=DT)
-        return (self.world.mu + s @ m.T @ torch.linalg.solve(k, y.flatten() - m @ self.world.mu)).reshape(2, 4, 4)
-
-    def noise_floor(self, op):
-        m_obs = int((self.matrix(op).abs().sum(1) > 0).sum())  # box: masked pixels carry no noise
-        return SIGMA_Y * math.sqrt(m_obs)
 
 
 @pytest.fixture(scope="module")
@@ -367,8 +320,8 @@ def test_settings_declare_the_node_widgets_and_gamma():
     """Widget names/order/defaults as on the node; gluing is PSLD's gamma (loss weight gluing / eta)."""
     specs = [s for s in LatentDPSSettings.specs() if s.widget]
     assert [s.name for s in specs] == ["eta", "gluing", "gluing_norm", "update", "gradient", "grad_clamp",
-                                       "early_stop"]
-    assert [s.widget_default for s in specs] == [1.0, 0.0, "squared", "ddpm", "unet", 0.0, -1]
+                                       "early_stop", "eta_mode"]
+    assert [s.widget_default for s in specs] == [1.0, 0.0, "squared", "ddpm", "unet", 0.0, -1, "fixed"]
     assert LatentDPSSettings(eta=4.0, gluing=0.2).gluing_weight == pytest.approx(0.05)
     assert LatentDPSSettings(eta=0.0, gluing=0.2).gluing_weight == 0.0
     assert LatentDPSSettings.from_values(grad_clamp=0.0).grad_clamp is None

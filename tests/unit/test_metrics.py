@@ -96,3 +96,15 @@ def test_heatmap_is_monotone_from_black_to_white():
     h = heatmap(v)
     assert h.shape == (1, 3, 1, 50) and torch.all(h.sum(1).diff(dim=-1) >= 0)
     assert float(h[..., 0].sum()) == 0 and float(h[..., -1].min()) == 1.0
+
+
+def test_the_trace_chart_draws_the_noise_floor_and_the_auto_target():
+    from comfyui_silo.operators.charts import _reference_lines, trace_chart
+
+    trace = [{"step": i, "loss": [2.0 - 0.1 * i], "floor": [0.5], "target": [float("inf") if i == 0 else 1.0 - 0.1 * i]}
+             for i in range(5)]
+    lines = _reference_lines(trace)
+    assert lines["noise floor"] == [(float(i), 0.5) for i in range(5)]
+    assert lines["auto η target"][0] == (1.0, pytest.approx(0.9))  # the infinite target (pure noise) is left out
+    assert trace_chart(trace).size == (640, 400)
+    assert _reference_lines([{"step": 0, "loss": [1.0]}]) == {}  # fixed η without a floor: no extra line

@@ -410,8 +410,8 @@ def test_trace_early_stop_and_partial(lw):
     assert res.shape == x.shape
     widgets = [s for s in ReSampleSettings.specs() if s.widget]
     assert [s.name for s in widgets] == ["consistency_every", "latent_steps", "lr", "optimization", "pixel_steps",
-                                         "tolerance", "gamma", "variance", "dps_eta", "early_stop"]
-    assert [s.widget_default for s in widgets] == [10, 500, 5e-3, "auto", 2000, 1e-3, 40.0, "paper", 0.0, -1]
+                                         "tolerance", "gamma", "variance", "dps_eta", "early_stop", "eta_mode"]
+    assert [s.widget_default for s in widgets] == [10, 500, 5e-3, "auto", 2000, 1e-3, 40.0, "paper", 0.0, -1, "fixed"]
     # the same run from a settings object
     res_s = sample_resample(lw.world.exact_denoiser, x, sig, {"seed": 0}, disable=True, measurement=lw.y,
                             degradation=lw.degrade, decoder=lw.decode,

@@ -309,9 +309,10 @@ def test_partial_like_ksampler(setup):
 def test_settings_declare_the_node_widgets():
     """Names, order, defaults, ranges of the SILO node's widgets; widget 'off' values map to None."""
     specs = [s for s in SiloSettings.specs() if s.widget]
-    assert [s.name for s in specs] == ["eta", "update", "gradient", "grad_clamp", "early_stop"]
+    assert [s.name for s in specs] == ["eta", "update", "gradient", "grad_clamp", "early_stop", "eta_mode"]
     by = {s.name: s for s in specs}
-    assert (by["eta"].default, by["eta"].min, by["eta"].max, by["eta"].step) == (0.5, 0.0, 20.0, 0.05)
+    assert (by["eta"].default, by["eta"].min, by["eta"].widget_high, by["eta"].step) == (0.5, 0.0, 100.0, 0.05)
+    assert by["eta"].max is None  # no cap in the Python API (issue 21)
     assert by["update"].choices == ("ddpm", "euler") and by["gradient"].choices == ("unet", "x0")
     assert by["grad_clamp"].widget_default == 1.0 and by["early_stop"].widget_default == -1
     assert SiloSettings.from_values(grad_clamp=0.0, early_stop=-1).grad_clamp is None
