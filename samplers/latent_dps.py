@@ -47,7 +47,8 @@ class LatentDPSSettings(core.GuidanceSettings):
 
     OWNER = "Latent-DPS"
 
-    eta: float = core.eta_field(1.0, 100.0, "Measurement-guidance step size (PSLD's ω; 0 = plain sampling).")
+    eta: float = core.eta_field(1.0, 100.0, "Measurement-guidance step size (PSLD's ω); with eta_mode auto, the "
+                                               "most the automatic step may use. 0 = plain sampling.")
     gluing: float = setting(0.0, min=0.0, max=10.0, step=0.01,
                             tooltip="PSLD's gluing weight γ on ‖ẑ₀ − E(Aᵀy + (I − AᵀA)D(ẑ₀))‖²; 0 = Latent-DPS. PSLD "
                                     "used 0.1 with η 1. Linear degradations only (not JPEG).")

@@ -107,8 +107,8 @@ class ReSampleSettings(GuidanceSettings):
                                     "= γ × the DDPM posterior variance, as the authors' public code computes it.")
     dps_eta: float = setting(0.0, min=0.0, widget_max=100.0, step=0.05,
                              tooltip="DPS guidance every step, through the UNet and the decoder (the authors' code: "
-                                     "0.5). 0 = plain DDIM between consistency steps: this pack's default, much "
-                                     "cheaper.")
+                                     "0.5); with eta_mode auto, the most the automatic step may use. 0 = plain DDIM "
+                                     "between consistency steps: this pack's default, much cheaper.")
     early_stop: int | None = early_stop_field()
     consistency_start: int | None = setting(None, kind="int", min=0, widget=False,
                                             tooltip="First step eligible for consistency (default: a third in).")

@@ -61,7 +61,8 @@ class SiloSettings(GuidanceSettings):
     NEEDS = Needs(operator=True)
 
     eta: float = eta_field(0.5, 100.0, "Guidance strength η (paper: 0.5; 1.0 for inpainting; larger with fewer "
-                                      "steps). 0 = plain sampling.")
+                                       "steps); with eta_mode auto, the most the automatic step may use. 0 = plain "
+                                       "sampling.")
     update: str = update_field("ddpm: the paper's ancestral DDPM step. euler: deterministic DDIM/Euler step.")
     gradient: str = gradient_field("unet: back-propagate through the UNet (the paper). x0: gradient at the denoised "
                                    "estimate only — faster, much less VRAM.")
