@@ -33,8 +33,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .batch_worker import PERMANENT, BatchWorker, PhotoJob, PhotoResult, WorkerSettings
-from .cli import IMAGE_SUFFIXES
+from .batch_worker import IMAGE_SUFFIXES, PERMANENT, BatchError, BatchWorker, PhotoJob, PhotoResult, WorkerSettings
 from .runner import duration_text as _duration
 
 MANIFEST_NAME = "batch-manifest.jsonl"
@@ -43,9 +42,6 @@ LOG_FOLDER = "batch-logs"
 SEED_POLICIES = ("workflow", "per-photo")
 PROGRESS_EVERY = 30.0  # seconds between the per-worker lines
 
-
-class BatchError(RuntimeError):
-    """The batch cannot start (no photos, an unusable workflow, no Ray); the message is one line for a person."""
 
 
 @dataclass

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Iterator
 import ray
 from ray.util.actor_pool import ActorPool
 
-from .batch_worker import TRANSIENT, BatchWorker, PhotoJob, PhotoResult, WorkerSettings, one_line
+from .batch_worker import TRANSIENT, BatchError, BatchWorker, PhotoJob, PhotoResult, WorkerSettings, one_line
 
 #: how long the actors may take to start (import the host, load the nodes) before the batch gives up
 READY_TIMEOUT = 900.0
@@ -102,7 +102,6 @@ class RayEngine:
 
     def start(self, todo: int) -> list[dict]:
         """Start the actors and wait until each has loaded the host; returns what each says about itself."""
-        from .batch import BatchError
 
         try:
             self._connect()
@@ -126,7 +125,6 @@ class RayEngine:
         return infos
 
     def _wait_ready(self) -> list[dict]:
-        from .batch import BatchError
 
         pending = {a.ready.remote(): a for a in self.actors}
         infos, started, last_line = [], time.monotonic(), time.monotonic()

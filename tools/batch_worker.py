@@ -47,6 +47,13 @@ from .workflow import (
     ui_to_api,
 )
 
+#: Photo files a folder is searched for (the CLI's train-operator and batch).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+class BatchError(RuntimeError):
+    """The batch cannot start (no photos, an unusable workflow, no Ray); the message is one line for a person."""
+
 #: the subfolder of the host's input folder where photos wait for their run
 STAGING_FOLDER = "comfyui-silo-batch"
 #: errors of a kind that may not come back on a second try (a worker that died, memory): a rerun retries them

@@ -13,10 +13,9 @@ import torch
 from ..config.fields import add_cli_arguments
 from ..operators.degradations import STANDARD_DEGRADATIONS, build_degradation
 from ..operators.training import TrainSettings
+from .batch_worker import IMAGE_SUFFIXES
 from .host_process import HostNotFoundError, comfyui_path, import_host
 from .random_checkpoint import SD15_LATENT_FORMAT
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
 def default_comfyui_path() -> str:
