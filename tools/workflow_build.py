@@ -69,13 +69,27 @@ class NodeRef:
                             f"{[n for n, _ in self.outputs]}")
 
 
-def min_node_size(definition: dict) -> tuple[float, float]:
+# An input option of Degradation (SILO)'s per-type widgets (nodes/degradation.py): the web extension
+# (web/js/silo_degradation.js) shows a widget only while the node's ``type`` is the one it names.
+TYPE_OPTION = "silo_degradation_type"
+
+
+def _hidden(slot, values: dict[str, Any]) -> bool:
+    """Whether the web extension hides this widget for the node's chosen ``type`` (in ``values``)."""
+    owner = (slot.spec[1] if slot.kind == "value" and len(slot.spec) > 1 else {}).get(TYPE_OPTION)
+    return owner is not None and "type" in values and owner != values["type"]
+
+
+def min_node_size(definition: dict, values: dict[str, Any] | None = None) -> tuple[float, float]:
     """The smallest (width, height) the frontend draws a node of this ``/object_info`` definition at (body only,
-    without the title bar), with room for the results box of :data:`TEXT_NODES`."""
+    without the title bar), with room for the results box of :data:`TEXT_NODES`; ``values`` (``{widget: value}``)
+    leave out the widgets the web extension hides for them (Degradation (SILO)'s other types)."""
     sockets = [n for n, s, _ in defined_inputs(definition) if not is_widget_input(s)]
     outputs = definition.get("output") or []
     height = NODE_PAD + ROW_H * max(len(sockets), len(outputs))
     for slot in widget_layout(definition):
+        if _hidden(slot, values or {}):
+            continue
         multiline = slot.kind == "value" and bool((slot.spec[1] if len(slot.spec) > 1 else {}).get("multiline"))
         height += MULTILINE_H if multiline else WIDGET_H
     if definition.get("name") in TEXT_NODES:
@@ -160,11 +174,13 @@ class WorkflowBuilder:
         if unknown:
             raise WorkflowError(f"{self.name}: {type} has no widget(s) {sorted(unknown)}; it has {sorted(known)}")
         values: list[Any] = []
+        chosen: dict[str, Any] = {}
         last_value = ""
         for slot in widget_layout(definition):
             if slot.kind == "value":
                 last_value = slot.name
                 values.append(widgets[slot.name] if slot.name in widgets else default_value(slot.spec))
+                chosen[slot.name] = values[-1]
             else:
                 values.append(helpers.get(last_value, HELPER_DEFAULTS.get(slot.helper, "")))
         sockets = [(n, input_type(s)) for n, s, _ in defined_inputs(definition) if not is_widget_input(s)]
@@ -173,7 +189,7 @@ class WorkflowBuilder:
         node_id = len(self.nodes) + 1
         module = str(definition.get("python_module", ""))
         pack = OUR_PACK if module.startswith("custom_nodes.") else "comfy-core"
-        min_w, min_h = min_node_size({**definition, "name": type})
+        min_w, min_h = min_node_size({**definition, "name": type}, chosen)
         width = pos.width if isinstance(pos, Column) else (size[0] if size else 320.0)
         size = [float(max(width, min_w)), float(max(size[1] if size else 0.0, min_h))]
         if isinstance(pos, Column):

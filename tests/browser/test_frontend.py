@@ -207,6 +207,32 @@ def test_the_template_browser_names_the_pack_category(page):
     assert sorted(names) == sorted(p.stem for p in WORKFLOWS)
 
 
+def test_the_template_browser_shows_the_training_workflow_first(page):
+    """Issue 19, item 6: the workflow every note says to run first is the first card of the pack's category (the
+    host itself lists the folder in whatever order the file system gives)."""
+    order = page.evaluate("(async () => { const all = await window.comfyAPI.api.api.getWorkflowTemplates();"
+                          "return Object.values(all).find((names) => names.includes('silo_gaussian_deblur')); })()")
+    assert order[0] == "silo_train_operator_from_generated_images", order
+    assert sorted(order) == sorted(p.stem for p in WORKFLOWS)
+    assert order.index("silo_gaussian_deblur") < order.index("silo_sdxl_gaussian_deblur"), order
+    page.evaluate("(async () => { await app.extensionManager.command.execute('Comfy.BrowseTemplates'); "
+                  "return true; })()")
+    try:
+        page.wait_for("""(() => { const item = [...document.querySelectorAll('.p-dialog li, .p-dialog button')]
+          .find((e) => e.innerText.trim() === 'SILO restoration'); if (item) item.click(); return !!item; })()""",
+                      timeout=30, what="the pack's category in the template browser")
+        cards = page.wait_for(r"""(() => {
+          const shown = [...document.querySelectorAll('.p-dialog *')]
+            .filter((e) => e.children.length === 0 && /^silo_\w+$/.test((e.innerText || '').trim()))
+            .map((e) => e.innerText.trim());
+          return shown.length ? [...new Set(shown)] : null; })()""", timeout=30, what="the pack's template cards")
+        assert cards[0] == "silo_train_operator_from_generated_images", cards
+        page.screenshot(OUT / "template_browser.png")
+    finally:
+        page.evaluate("(() => { document.querySelectorAll('.p-dialog-close-button, .p-dialog-header-close')"
+                      ".forEach((b) => b.click()); return true; })()")
+
+
 def test_a_node_without_a_results_box_gets_one_when_it_reports_text(page):
     """Warnings can come from any node of the pack (e.g. Encode Measurement): the box appears on the first text and
     the node grows to hold it, its widgets untouched."""
@@ -285,15 +311,21 @@ def test_the_degradation_node_shows_only_the_chosen_types_widgets(page):
     got = page.evaluate("""(() => {
       const n = app.graph._nodes.find((n) => n.type === 'SILODegradation');
       const shown = () => n.widgets.filter((w) => !w.hidden).map((w) => w.name);
-      const before = {shown: shown(), saved: n.serialize().widgets_values.length, h: n.size[1]};
+      const before = {shown: shown(), saved: n.serialize().widgets_values.length, h: n.size[1],
+                      min: n.computeSize()[1]};
       const kind = n.widgets.find((w) => w.name === 'type');
       kind.value = 'jpeg'; kind.callback?.('jpeg');
       return {before, shown: shown(), saved: n.serialize().widgets_values.length, h: n.size[1]};
     })()""")
+    time.sleep(1.0)  # frames: the frontend stacks the widgets again on every draw
+    got["h_drawn"] = page.evaluate("app.graph._nodes.find((n) => n.type === 'SILODegradation').size[1]")
     assert got["before"]["shown"] == ["type", "blur_kernel_size", "blur_sigma"], got
     assert got["shown"] == ["type", "jpeg_quality"], got
     assert got["saved"] == got["before"]["saved"], "every widget value is still saved"
     assert got["h"] < got["before"]["h"], "the node shrinks to what it shows"
+    assert got["h_drawn"] == got["h"], "hidden widgets take no room when the node is drawn"
+    # the shipped layout already fits the shown widgets: no empty block where all eleven were
+    assert got["before"]["h"] <= got["before"]["min"] + 1, got
 
 
 def test_error_dialogs_name_our_nodes_as_users_see_them(page):
@@ -307,6 +339,25 @@ def test_error_dialogs_name_our_nodes_as_users_see_them(page):
                          timeout=20, what="the error dialog")
     try:
         assert "SILO KSampler" in text and "SILOKSampler" not in text, text[:500]
+    finally:
+        page.evaluate("(() => { document.querySelectorAll('.p-dialog-close-button, .p-dialog-header-close')"
+                      ".forEach((b) => b.click()); return true; })()")
+
+
+def test_the_validation_dialog_names_our_nodes_as_users_see_them(page, small_checkpoint):
+    """Issue 19, item 6: a prompt the server rejects before running (here: an operator file that is not in
+    models/latent_operators) opens a dialog that lists the node by its display name, with the error text that says
+    how to get the file."""
+    load_workflow(page, ROOT / "workflows" / "silo_gaussian_deblur.json")
+    page.evaluate(SET_UP_RUN % {"ckpt": json.dumps(small_checkpoint.name)})
+    page.evaluate("""(() => { const n = app.graph._nodes.find((n) => n.type === 'SILOLatentOperatorLoader');
+      n.widgets.find((w) => w.name === 'operator_name').value = 'not_trained_yet.safetensors'; return true; })()""")
+    page.evaluate("(async () => { await app.queuePrompt(0, 1); return true; })()")
+    text = page.wait_for("(() => { const d = document.querySelector('.p-dialog'); return d && d.innerText; })()",
+                         timeout=30, what="the validation dialog")
+    try:
+        assert "Latent Degradation Operator" in text and "SILOLatentOperatorLoader" not in text, text[:800]
+        assert "not_trained_yet.safetensors" in text, text[:800]
     finally:
         page.evaluate("(() => { document.querySelectorAll('.p-dialog-close-button, .p-dialog-header-close')"
                       ".forEach((b) => b.click()); return true; })()")

@@ -81,6 +81,7 @@ def test_workflow_opens_with_no_node_covering_another_and_groups_whole(path):
 def test_every_node_is_at_least_as_large_as_the_frontend_draws_it(path):
     """Sizes follow the frontend's rule (tools/workflow_build.py: 20 px per socket row, 24 per widget, a results box
     for the nodes whose text the web extension shows), so no widget is squeezed when the template opens."""
+    from comfyui_silo.operators.degradations import DEGRADATIONS
     from comfyui_silo.tools.workflow_build import (
         MIN_WIDTH,
         NODE_PAD,
@@ -91,6 +92,8 @@ def test_every_node_is_at_least_as_large_as_the_frontend_draws_it(path):
         note_height,
     )
 
+    # Degradation (SILO) shows `type` and that type's widgets only (web/js/silo_degradation.js)
+    shown_for = {cls.type_name: 1 + sum(s.widget for s in cls.field_specs()) for cls in DEGRADATIONS}
     wf = json.loads(path.read_text(encoding="utf-8"))
     for n in wf["nodes"]:
         w, h = n["size"]
@@ -98,7 +101,9 @@ def test_every_node_is_at_least_as_large_as_the_frontend_draws_it(path):
             assert h >= note_height(n["widgets_values"][0], w), f"{path.stem}: the note needs a scroll bar"
             continue
         rows = max(len(n.get("inputs") or []), len(n.get("outputs") or []))
-        need = NODE_PAD + ROW_H * rows + WIDGET_H * len(n.get("widgets_values") or [])
+        widgets = (shown_for[n["widgets_values"][0]] if n["type"] == "SILODegradation"
+                   else len(n.get("widgets_values") or []))
+        need = NODE_PAD + ROW_H * rows + WIDGET_H * widgets
         need += TEXT_BOX_H if n["type"] in TEXT_NODES else 0
         assert w >= MIN_WIDTH and h >= need, f"{path.stem}: node {n['id']} ({n['type']}) is {w}x{h}, needs {need}"
 
@@ -192,3 +197,40 @@ def test_the_side_by_side_preview_keeps_the_restored_size(path):
     assert source[(side["id"], names.index("image1"))]["type"] == "VAEDecode"
     assert source[(side["id"], names.index("image2"))]["type"] == "LoadImage"
     assert side["widgets_values"][:2] == ["left", True]
+
+
+def test_the_template_order_lists_every_workflow_once_training_first_and_is_current():
+    """Issue 19, item 6: the template browser shows the training workflow (the one every note says to run first)
+    first; web/js/silo_template_order.js is what scripts/build_workflows.py writes and names every shipped workflow
+    once, and the extension sorts with it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("build_workflows", ROOT / "scripts" / "build_workflows.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    order = build.template_order()
+    assert order[0] == "silo_train_operator_from_generated_images"
+    assert sorted(order) == sorted(p.stem for p in WORKFLOWS) and len(set(order)) == len(order)
+    assert order.index("silo_sdxl_train_operator_from_generated_images") < order.index("silo_sdxl_gaussian_deblur")
+    assert (ROOT / "web" / "js" / "silo_template_order.js").read_text(encoding="utf-8") == build.template_order_js()
+    js = (ROOT / "web" / "js" / "silo_templates.js").read_text(encoding="utf-8")
+    assert 'import { TEMPLATE_ORDER } from "./silo_template_order.js";' in js
+
+
+def test_the_degradation_node_is_laid_out_for_the_widgets_its_type_shows():
+    """Issue 19, item 6: the web extension hides the other types' widgets, so a shipped Degradation (SILO) node is
+    only as tall as the widgets of its own type (no empty block where eleven widgets used to be)."""
+    from comfyui_silo.tools.workflow_build import min_node_size
+
+    info = {"name": "SILODegradation", "output": ["DEGRADATION"], "input": {"required": {
+        "type": [["gaussian_blur", "jpeg"], {}],
+        "blur_sigma": ["FLOAT", {"default": 3.0, "silo_degradation_type": "gaussian_blur"}],
+        "blur_kernel_size": ["INT", {"default": 61, "silo_degradation_type": "gaussian_blur"}],
+        "jpeg_quality": ["INT", {"default": 10, "silo_degradation_type": "jpeg"}]}}}
+    every = min_node_size(info)[1]
+    assert min_node_size(info, {"type": "jpeg"})[1] == every - 2 * 24
+    assert min_node_size(info, {"type": "gaussian_blur"})[1] == every - 24
+    for path in WORKFLOWS:
+        for n in json.loads(path.read_text(encoding="utf-8"))["nodes"]:
+            if n["type"] == "SILODegradation":  # at most `type` + the four box_* widgets, never all eleven
+                assert n["size"][1] <= 14 + 20 + 5 * 24, f"{path.name}: {n['size']}"

@@ -17,6 +17,22 @@ function typeOfWidgets(nodeData) {
   return owner;
 }
 
+// A hidden widget must also take no room: the frontend skips hidden widgets when it computes the node's size, but
+// still stacks every widget when it draws the node (and grows the node to hold them all), so a hidden widget
+// reports no height (the frontend adds 4 px to each widget's own height).
+const NO_ROOM = () => [0, -4];
+
+function setHidden(w, hidden) {
+  if (hidden && w.computeSize !== NO_ROOM) {
+    w.siloComputeSize = Object.prototype.hasOwnProperty.call(w, "computeSize") ? w.computeSize : undefined;
+    w.computeSize = NO_ROOM;
+  } else if (!hidden && w.computeSize === NO_ROOM) {
+    if (w.siloComputeSize) w.computeSize = w.siloComputeSize;
+    else delete w.computeSize;
+  }
+  w.hidden = hidden;
+}
+
 function showChosenType(node, owner) {
   const kind = node.widgets?.find((w) => w.name === "type")?.value;
   let changed = false;
@@ -24,7 +40,7 @@ function showChosenType(node, owner) {
     if (!(w.name in owner)) continue;
     const hidden = owner[w.name] !== kind;
     if (!!w.hidden !== hidden) changed = true;
-    w.hidden = hidden;
+    setHidden(w, hidden);
   }
   return changed;
 }

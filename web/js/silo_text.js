@@ -97,13 +97,38 @@ function refreshOperatorLists() {
   return refreshing;
 }
 
-// Error dialogs are titled with the node's class; show ours with the name users see on the canvas. This module is
-// loaded before the frontend adds its own websocket handlers (which open the dialog), so this listener runs first.
+// Error dialogs name a node by its class; show ours with the name users see on the canvas.
+// - Errors while running: this module is loaded before the frontend adds its own websocket handlers (which open
+//   the dialog), so this listener renames the node first.
+// - Errors found by the server's check before a run (a missing operator file, a value out of range): the
+//   frontend's dialog lists each node's `class_type` from the rejected prompt's `node_errors`; the extension wraps
+//   the API's `queuePrompt` and renames ours there before the frontend reads them (the node ids, which mark the
+//   nodes on the canvas, are untouched).
 const DISPLAY_NAMES = {};
 api.addEventListener("execution_error", ({ detail }) => {
   const shown = DISPLAY_NAMES[detail?.node_type];
   if (shown) detail.node_type = shown;
 });
+
+function displayNodeErrors(nodeErrors) {
+  for (const error of Object.values(nodeErrors ?? {})) {
+    const shown = DISPLAY_NAMES[error?.class_type];
+    if (shown) error.class_type = shown;
+  }
+}
+
+const queuePrompt = api.queuePrompt;
+if (typeof queuePrompt === "function" && !queuePrompt.siloDisplayNames) {
+  api.queuePrompt = async function () {
+    try {
+      return await queuePrompt.apply(this, arguments);
+    } catch (e) {
+      displayNodeErrors(e?.response?.node_errors);
+      throw e;
+    }
+  };
+  api.queuePrompt.siloDisplayNames = true;
+}
 
 app.registerExtension({
   name: "comfyui-silo.NodeResults",
