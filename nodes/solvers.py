@@ -119,7 +119,8 @@ def _operator_options(node: str, x: torch.Tensor, meas: Measurement, op, model_p
         return module(z0.float(), sigma_y=sigma_y, mask=mask)
 
     return {"measurement": w.to(x.dtype), "operator": operator,
-            "noise_floor": latent_floor(model_patcher, meas, w, getattr(op, "training", None) or {})}
+            "noise_floor": latent_floor(model_patcher, meas, w, getattr(op, "training", None) or {}),
+            "partial_measurement": meas.partial}
 
 
 def latent_floor(model_patcher, meas: Measurement, w: torch.Tensor, training: dict) -> torch.Tensor | None:
@@ -169,6 +170,7 @@ def solver_sampler_function(model, x, sigmas, extra_args=None, callback=None, di
             options.update(_vae_options(node, x, meas, vae, model_patcher, settings))
         if not settings.takes_noise_floor():
             options.pop("noise_floor", None)
+            options.pop("partial_measurement", None)
         if settings.unet_gradient():
             make_weights_differentiable(diffusion_model(model_patcher))
     return guarded_sample(entry.sample, model, x, sigmas, extra_args, callback, disable, node=node,

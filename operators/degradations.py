@@ -239,6 +239,12 @@ class Degradation(torch.nn.Module):
     #: True when the caller must give a mask (it is not part of the spec).
     needs_mask: ClassVar[bool] = False
 
+    @property
+    def is_partial(self) -> bool:
+        """True when the measurement sees only part of the image: fewer values (super-resolution) or missing pixels
+        (inpainting). The automatic eta follows another consistency target then (samplers/core.py)."""
+        return not self.same_size or self.is_inpainting
+
     def __init__(self, **values: Any):
         super().__init__()
         try:

@@ -114,6 +114,12 @@ class TrainSettings(Settings):
                              tooltip="Operator arithmetic while training: auto = bfloat16 autocast where the device "
                                      "runs it fast (CUDA with bf16, CPUs with AMX/AVX512-BF16), else float32. The "
                                      "degradation itself always runs in float32; files are saved in float32.")
+    autoencoder_precision: str = setting("auto", choices=("auto", "float32", "bfloat16"), widget=False,
+                                         tooltip="The encoder's (and the report's decoder's) arithmetic while "
+                                                 "training on a CPU: auto = bfloat16 autocast on CPUs with "
+                                                 "AMX/AVX512-BF16 (2.6x the encodes/s for taef2 at the same "
+                                                 "operator quality), else float32. On a GPU the host's VAE dtype "
+                                                 "decides; bfloat16 forces autocast there too.")
 
     def validate(self) -> None:
         if self.crop_size % 8:
@@ -390,6 +396,28 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
         fast = [getattr(torch.cpu, n, None) for n in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
         return torch.bfloat16 if any(f is not None and f() for f in fast) else None
     return None
+
+
+def autoencoder_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for the encoder/decoder callables under ``autoencoder_precision`` (None: as they are).
+
+    ``auto`` only speeds up a CPU encoder: on a GPU the host already runs its VAE in the dtype it chose."""
+    if precision == "auto" and device.type != "cpu":
+        return None
+    return autocast_dtype(precision, device)
+
+
+def _autocast_calls(fn: Callable[[torch.Tensor], torch.Tensor] | None, dtype: torch.dtype | None,
+                    device: torch.device):
+    """``fn`` run under ``dtype`` autocast on ``device``'s type, returning float32 (``fn`` itself when no dtype)."""
+    if fn is None or dtype is None:
+        return fn
+
+    def call(x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=dtype):
+            return fn(x).float()
+
+    return call
 
 
 # the names the earlier ``TrainConfig`` stored in resume files: one name for a (low, high) pair of today's settings
@@ -678,12 +706,16 @@ def train_operator(
         degradation = build_degradation(degradation)
     imgs, held = _split_images(images, heldout_images, cfg)
     device = torch.device(device)
+    ae_dtype = autoencoder_dtype(cfg.autoencoder_precision, device)
+    encode, decode = _autocast_calls(encode, ae_dtype, device), _autocast_calls(decode, ae_dtype, device)
     run = _start_run(encode, degradation, cfg, operator, operator_config, device, resume, held, state_path)
     source = _PairSource(encode, degradation, imgs, cfg, device, should_stop, progress, run.start)
     t0 = time.time()
     smoothed, last_eval = _optimise(run.operator, run.ema, run.opt, source, cfg, run.start,
                                     autocast_dtype(cfg.precision, device), run.record, progress, should_stop)
-    return _finish(run, source, imgs, held, decode, smoothed, last_eval, time.time() - t0)
+    result = _finish(run, source, imgs, held, decode, smoothed, last_eval, time.time() - t0)
+    result.report["autoencoder_dtype"] = str(ae_dtype).replace("torch.", "") if ae_dtype else "as given"
+    return result
 
 
 def _report(cfg, start, imgs, held, smoothed, last_eval, curve, seconds, source, downscale, final) -> dict:

@@ -41,11 +41,12 @@ try:  # progress bar like ComfyUI's samplers; optional
 except ImportError:  # pragma: no cover - tqdm ships with ComfyUI
     _trange = None
 
-__all__ = ["ETA_MODES", "ETA_SCHEDULES", "GRADIENT_MODES", "DivergenceWatch", "Guidance", "GuidanceDivergenceWarning",
+__all__ = ["ETA_MODES", "ETA_SCHEDULES", "GRADIENT_MODES", "AutoState", "DivergenceWatch", "Guidance",
+           "GuidanceDivergenceWarning",
            "GuidanceSettings", "MeasurementLoss", "Needs", "NonFiniteStateError", "Progress", "Solver", "StepState",
            "auto_eta", "auto_target", "batch_compatible", "divergence_text", "early_stop_field", "eta_field",
            "eta_function", "eta_mode_field", "eta_schedule_field", "grad_clamp_field", "gradient_field",
-           "guided_sample", "normal_tensor", "per_batch_l2", "per_batch_mse", "require_callables", "resolve_settings",
+           "guided_sample", "normal_tensor", "partial_of", "per_batch_l2", "per_batch_mse", "require_callables", "resolve_settings",
            "split_options", "update_field"]
 
 GRADIENT_MODES = ("unet", "x0")
@@ -241,13 +242,15 @@ class Guidance:
     param: Parameterization
     eta_mode: str = "fixed"
     noise_floor: Any = None
+    partial_measurement: bool | None = None
 
     @classmethod
     def of(cls, settings: GuidanceSettings, parameterization: Parameterization | str = "vp",
            schedule: Callable[[int, float], float] | None = None, **fixed: Any) -> Guidance:
         """The fields of ``settings`` of the same name, ``fixed`` values for the ones a solver does not declare
         (ReSample's update), ``schedule`` (a callable ``eta_schedule`` option) and the parameterization."""
-        names = [f.name for f in dataclasses.fields(cls) if f.name not in ("param", "noise_floor")]
+        names = [f.name for f in dataclasses.fields(cls)
+                 if f.name not in ("param", "noise_floor", "partial_measurement")]
         values = {n: getattr(settings, n) for n in names if hasattr(settings, n)}
         if schedule is not None:
             values["eta_schedule"] = schedule
@@ -330,6 +333,11 @@ class Solver:
         """The returned sample (default: the final state)."""
         return x
 
+    def partial_measurement(self) -> bool | None:
+        """Whether the measurement sees only part of the image (known after the first :meth:`loss`; None: the
+        solver cannot tell). The automatic eta's target depends on it unless the caller says."""
+        return None
+
 
 def _checked_extra(extra, loss: torch.Tensor) -> torch.Tensor:
     if not isinstance(extra, torch.Tensor) or tuple(extra.shape) != tuple(loss.shape):
@@ -402,16 +410,27 @@ def _report(trace, callback, solver: Solver, i, x, sigma, denoised, loss, extra,
 
 
 # ------------------------------------------------------------------------------------------------ automatic eta
-#: The automatic rule's target for the consistency trace at VE noise level ``s``:
-#: ``floor * sqrt(AUTO_END**2 + (AUTO_SLOPE * s)**2)`` — loose while the estimate is still blurry, half the noise
-#: floor at the end (how these were found: docs/automatic-eta.md).
+#: The automatic rule's target for the consistency trace at VE noise level ``s`` (how these were found:
+#: docs/automatic-eta.md), half the noise floor at the end either way:
+#: - a measurement of the whole image (blur, JPEG): ``floor * sqrt(AUTO_END**2 + (AUTO_SLOPE * s)**2)``, loose
+#:   while the estimate is still blurry;
+#: - a partial measurement (super-resolution, inpainting: part of the image is not measured at all):
+#:   ``sqrt((AUTO_END * floor)**2 + (r0**2 - floor**2)+ * (s**2 / (1 + s**2))**AUTO_PARTIAL_POWER)``, down from the
+#:   first step's residual ``r0`` (the prior's) the way an exact posterior sampler's expected residual comes down.
 AUTO_END = 0.5
 AUTO_SLOPE = 1.0
+AUTO_PARTIAL_POWER = 2.0
 
 
-def auto_target(floor: torch.Tensor, param: Parameterization, sigma: float) -> torch.Tensor:
-    """The consistency the automatic rule steers towards at this level (``[B]``; inf where the state is noise)."""
+def auto_target(floor: torch.Tensor, param: Parameterization, sigma: float,
+                first: torch.Tensor | None = None) -> torch.Tensor:
+    """The consistency the automatic rule steers towards at this level (``[B]``; inf where the state is noise).
+    ``first``: the first step's loss ``[B]`` for a partial measurement (None: a measurement of the whole image)."""
     s = param.ve_sigma(sigma)
+    if first is not None:
+        share = 1.0 if not math.isfinite(s) else (s * s / (1.0 + s * s)) ** AUTO_PARTIAL_POWER
+        first = first.to(floor)
+        return ((AUTO_END * floor) ** 2 + (first ** 2 - floor ** 2).clamp(min=0) * share).sqrt()
     if not math.isfinite(s):
         return torch.full_like(floor, math.inf)
     return floor * math.sqrt(AUTO_END ** 2 + (AUTO_SLOPE * s) ** 2)
@@ -503,7 +522,34 @@ def _auto_floor(guidance: Guidance, solver: Solver, x: torch.Tensor) -> torch.Te
     return floor.expand(x.shape[0]).clone()
 
 
-def _guided_step(model, x, sigma, sigma_next, s_in, extra_args, solver, guidance, param, eta_i, floor):
+def partial_of(degradation, y: torch.Tensor | None = None, image_values: int | None = None) -> bool | None:
+    """Whether a pixel-space measurement is partial: the degradation's ``is_partial`` when it has one, else whether
+    ``y`` holds fewer values per image than the decoded image (``image_values``); None when unknown."""
+    flag = getattr(degradation, "is_partial", None)
+    if isinstance(flag, bool):
+        return flag
+    if y is not None and image_values:
+        return y[0].numel() < image_values
+    return None
+
+
+class AutoState:
+    """What the automatic eta keeps over one run: the noise floor ``[B]``, whether the measurement is partial
+    (the caller's word, else the solver's after its first loss) and, then, the first guided step's loss."""
+
+    def __init__(self, floor: torch.Tensor | None, partial: bool | None):
+        self.floor, self.partial, self.first = floor, partial, None
+
+    def target(self, loss: torch.Tensor, solver: Solver, param: Parameterization, sigma: float) -> torch.Tensor:
+        if self.partial is None:
+            self.partial = bool(solver.partial_measurement())
+        if self.partial and self.first is None:
+            self.first = loss.detach().clone()
+        return auto_target(self.floor.to(loss.device, loss.dtype), param, sigma,
+                           self.first if self.partial else None)
+
+
+def _guided_step(model, x, sigma, sigma_next, s_in, extra_args, solver, guidance, param, eta_i, auto):
     """One guided evaluation: ``(z0_hat, loss, extra, g in VP units, eta_i, target)`` (``eta_i`` a ``[B]`` tensor
     and ``target`` the rule's consistency target in 'auto' mode, else unchanged and None)."""
     denoised, loss, extra, g = _guided_estimate(model, x, sigma * s_in, extra_args, solver, guidance.gradient)
@@ -511,7 +557,7 @@ def _guided_step(model, x, sigma, sigma_next, s_in, extra_args, solver, guidance
     with torch.no_grad():
         g = g.to(x.dtype) * param.vp_scale(sigma)  # gradient w.r.t. the VP latent (x0: Jacobian factor 1)
         if guidance.eta_mode == "auto":
-            target = auto_target(floor.to(loss.device, loss.dtype), param, float(sigma))
+            target = auto.target(loss, solver, param, float(sigma))
             eta_i = auto_eta(loss, g, target, eta_i)
     return denoised, loss, extra, g, eta_i, target
 
@@ -543,6 +589,7 @@ def guided_sample(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict
     param, step_fn, eta_fn, n_steps = _prepare(guidance, sigmas, solver)
     eta, clamp, early_stop = float(guidance.eta), guidance.grad_clamp, guidance.early_stop
     floor = _auto_floor(guidance, solver, x)
+    auto = AutoState(floor, guidance.partial_measurement)
     if n_steps < 1:
         return x
     if noise_sampler is None and (param.stochastic(guidance.update) or solver.needs_noise):
@@ -554,7 +601,7 @@ def guided_sample(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict
         g = extra = target = None
         if eta_i != 0 and early_stop != i:
             denoised, loss, extra, g, eta_i, target = _guided_step(model, x, sigma, sigma_next, s_in, extra_args,
-                                                                   solver, guidance, param, eta_i, floor)
+                                                                   solver, guidance, param, eta_i, auto)
         else:
             eta_i = 0.0
             report = trace is not None or callback is not None

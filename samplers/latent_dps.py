@@ -175,6 +175,7 @@ class LatentDPSSolver(core.Solver):
         self._loss = core.MeasurementLoss("Latent-DPS", measurement, degradation,
                                           "degradation(decoder(z0_hat)) shape {shape}")
         self._last = (None, None)  # (z0_hat, its decoded image) of the latest measurement-term call
+        self._image_values = None  # values per decoded image (the first loss tells)
         self._aty = None
         self.has_extra = self.weight > 0
         if settings.gluing > 0:
@@ -199,7 +200,12 @@ class LatentDPSSolver(core.Solver):
             raise ValueError(f"Latent-DPS decoder must return an image tensor, got {type(image).__name__}")
         if self.has_extra:
             self._last = (z0, image)
+        if self._image_values is None:
+            self._image_values = image[0].numel()
         return self._loss(image)
+
+    def partial_measurement(self) -> bool | None:
+        return core.partial_of(self.degradation, self._loss.y, self._image_values)
 
     def extra(self, z0: torch.Tensor) -> torch.Tensor:
         image = self._last[1] if self._last[0] is z0 else self.decoder(z0)
@@ -219,7 +225,7 @@ def sample_latent_dps(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: 
                       adjoint: Callable[[torch.Tensor], torch.Tensor] | None = None,
                       settings: LatentDPSSettings | None = None, trace: list | None = None, noise_sampler=None,
                       progress: core.Progress | None = None, parameterization: Parameterization | str = "vp",
-                      noise_floor=None, **options) -> torch.Tensor:
+                      noise_floor=None, partial_measurement: bool | None = None, **options) -> torch.Tensor:
     """Latent-DPS (``gluing = 0``) or PSLD (``gluing > 0``) guided sampling; KSAMPLER function.
 
     Args:
@@ -234,9 +240,11 @@ def sample_latent_dps(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: 
         settings: a :class:`LatentDPSSettings`; ``**options`` are its fields by name laid over it (``gluing`` is
             PSLD's gamma, see the module docstring; ``grad_clamp`` 0/None and ``early_stop`` -1/None are off;
             ``eta_schedule`` may be a callable ``(i, sigma) -> factor``).
-        trace, noise_sampler, progress, parameterization, noise_floor: as for :func:`~.silo.sample_silo` (the floor
-            here is pixel noise: ``sigma_y * sqrt(number of measured values)``); with gluing each trace entry also has
-            ``"extra_loss"`` = the gluing term as it enters the loss.
+        trace, noise_sampler, progress, parameterization, noise_floor, partial_measurement: as for
+            :func:`~.silo.sample_silo` (the floor here is pixel noise: ``sigma_y * sqrt(number of measured values)``;
+            partial by default when the degradation says so, ``is_partial``, or ``y`` has fewer values than the
+            decoded image); with gluing each trace entry also has ``"extra_loss"`` = the gluing term as it enters the
+            loss.
 
     Returns:
         The final latent (or ``z0_hat`` at ``early_stop``).
@@ -245,5 +253,6 @@ def sample_latent_dps(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: 
     solver = LatentDPSSolver(measurement, degradation, decoder, encoder, adjoint, settings)
     return core.guided_sample(model, x, sigmas, extra_args, callback, disable, solver=solver,
                               guidance=core.Guidance.of(settings, parameterization, schedule,
-                                                        noise_floor=noise_floor), trace=trace,
+                                                        noise_floor=noise_floor,
+                                                        partial_measurement=partial_measurement), trace=trace,
                               noise_sampler=noise_sampler, progress=progress)

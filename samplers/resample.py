@@ -64,6 +64,7 @@ from .core import (
     eta_mode_field,
     guided_sample,
     normal_tensor,
+    partial_of,
     require_callables,
     split_options,
 )
@@ -258,6 +259,9 @@ class ReSampleSolver(Solver):
     def loss(self, z0: torch.Tensor) -> torch.Tensor:
         return self._loss(z0)
 
+    def partial_measurement(self) -> bool | None:
+        return partial_of(self.degradation)
+
     def report(self, i: int) -> dict:
         cons = i in self.schedule
         return {"consistency": cons, "mode": self.mode_at(i) if cons else None, "consistency_loss": [],
@@ -290,7 +294,8 @@ def sample_resample(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: di
                     encoder: Callable[[torch.Tensor], torch.Tensor] | None = None,
                     settings: ReSampleSettings | None = None, degradation_kwargs: dict | None = None,
                     trace: list | None = None, noise_sampler=None, progress: Progress | None = None,
-                    parameterization: Parameterization | str = "vp", noise_floor=None, **options) -> torch.Tensor:
+                    parameterization: Parameterization | str = "vp", noise_floor=None,
+                    partial_measurement: bool | None = None, **options) -> torch.Tensor:
     """ReSample: DDIM + hard data consistency + stochastic resampling (KSAMPLER function; module docstring).
 
     Args:
@@ -311,6 +316,8 @@ def sample_resample(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: di
         parameterization: the model's noise parameterization (as for :func:`~.silo.sample_silo`).
         noise_floor: ``sigma_y * sqrt(number of measured values)``, for ``eta_mode="auto"`` DPS steps (at most
             ``dps_eta * abar``).
+        partial_measurement: as for :func:`~.latent_dps.sample_latent_dps` (default: the degradation's
+            ``is_partial``).
 
     Returns:
         The final latent (or ``z0_hat`` at ``early_stop``).
@@ -320,6 +327,6 @@ def sample_resample(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: di
     param = get_parameterization(parameterization)
     guidance = Guidance.of(settings, param, schedule=lambda i, s: param.alpha_bar(s),  # dps_eta * abar(sigma_i)
                            eta=settings.dps_eta, update="euler", gradient="unet", grad_clamp=None,
-                           noise_floor=noise_floor)
+                           noise_floor=noise_floor, partial_measurement=partial_measurement)
     return guided_sample(model, x, sigmas, extra_args, callback, disable, solver=solver, guidance=guidance,
                          trace=trace, noise_sampler=noise_sampler, progress=progress)

@@ -105,7 +105,7 @@ def sample_silo(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict |
                 settings: SiloSettings | None = None, operator_kwargs: dict | None = None, trace: list | None = None,
                 noise_sampler=None, extra_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
                 progress: Progress | None = None, parameterization: Parameterization | str = "vp",
-                noise_floor=None, **options) -> torch.Tensor:
+                noise_floor=None, partial_measurement: bool | None = None, **options) -> torch.Tensor:
     """SILO guided sampling (KSAMPLER function; see the module docstring and :mod:`.core` for the step).
 
     Args:
@@ -131,6 +131,9 @@ def sample_silo(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict |
             element; the node glue estimates it at Encode Measurement and adds the operator's held-out error).
             Needed by ``eta_mode="auto"`` (η is then set every step, at most ``eta``); with it, the trace also
             records the floor.
+        partial_measurement: whether the photo was measured only in part (super-resolution, inpainting; the
+            node glue reads it from the degradation): ``eta_mode="auto"`` then comes down from the first step's
+            residual instead of following the floor (default: not partial).
 
     Returns:
         The final sample (or ``z0_hat`` at ``early_stop``).
@@ -138,5 +141,6 @@ def sample_silo(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict |
     settings, schedule = split_options(SiloSettings, settings, options)
     solver = SiloSolver(measurement, operator, operator_kwargs, extra_loss)
     return guided_sample(model, x, sigmas, extra_args, callback, disable, solver=solver,
-                         guidance=Guidance.of(settings, parameterization, schedule, noise_floor=noise_floor), trace=trace,
+                         guidance=Guidance.of(settings, parameterization, schedule, noise_floor=noise_floor,
+                                              partial_measurement=partial_measurement), trace=trace,
                          noise_sampler=noise_sampler, progress=progress)

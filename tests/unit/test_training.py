@@ -284,3 +284,44 @@ def test_downscale_is_read_from_the_encoder_and_the_report_shows_decoded_fidelit
     assert "VAE floor" in text and "gap closed" in text and rep["fidelity"]["verdict"]["text"] in text
     assert rep["steps_per_second"] > 0 and rep["encodes_per_second"] > 0 and rep["encodes"] == 64
     assert training_curve_chart(rep).size == (640, 400)
+
+
+def test_autoencoder_precision_runs_the_encoder_and_decoder_under_bf16_autocast_where_the_cpu_is_fast(
+        imgs, encoder, monkeypatch):
+    """``autoencoder_precision``: bfloat16 runs every encode and the report's decodes under bf16 autocast (the
+    callables still return float32), float32 leaves them alone, and auto picks bf16 only on a CPU with AMX or
+    AVX512-BF16 (never on a GPU, where the host's VAE dtype decides); the report names what was used."""
+    from comfyui_silo.operators import training
+
+    seen = {"encode": set(), "decode": set()}
+
+    def enc(x):
+        seen["encode"].add(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+        return encoder(x)
+
+    def dec(z):
+        seen["decode"].add(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+        return torch.nn.functional.interpolate(z[:, :3], scale_factor=8).sigmoid()
+
+    spec = {"type": "gaussian_blur", "kernel_size": 21, "sigma": 3.0}
+    common = dict(steps=4, batch_size=4, crop_size=64, pool_size=8, eval_every=4, heldout_fraction=0.25, decode=dec,
+                  operator_config={"width": 16, "num_blocks": 1, "decoder_width": 16})
+    res = train_operator(enc, spec, imgs, autoencoder_precision="bfloat16", **common)
+    assert seen == {"encode": {torch.bfloat16}, "decode": {torch.bfloat16}}
+    assert res.report["autoencoder_dtype"] == "bfloat16"
+    assert res.report["fidelity"]["latent"]["operator"]["rel_l2"] > 0
+
+    seen = {"encode": set(), "decode": set()}
+    res = train_operator(enc, spec, imgs, autoencoder_precision="float32", **common)
+    assert seen == {"encode": {None}, "decode": {None}} and res.report["autoencoder_dtype"] == "as given"
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    for amx, bf16 in ((True, False), (False, True), (False, False)):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda bf16=bf16: bf16)
+        want = torch.bfloat16 if amx or bf16 else None
+        assert training.autoencoder_dtype("auto", cpu) == want
+        assert training.autoencoder_dtype("auto", gpu) is None
+        assert training.autoencoder_dtype("float32", cpu) is None
+        assert training.autoencoder_dtype("bfloat16", gpu) == torch.bfloat16
+    assert TrainSettings().autoencoder_precision == "auto"
