@@ -12,6 +12,10 @@ template thumbnails, this machine's CPU (the table in BENCHMARKS.md)::
 
     python -m benchmarks.operator_quality --taesd ~/taef2 --out benchmarks/_out/quality --markdown BENCHMARKS.md
 
+How far any operator can go in that latent space (no training; the autoencoder itself in the loop)::
+
+    python -m benchmarks.operator_quality --taesd ~/taef2 --bounds
+
 A ComfyUI VAE file instead (the host must be importable; name its latent format)::
 
     python -m benchmarks.operator_quality --vae ~/ComfyUI/models/vae/ae.safetensors --latent-format Flux
@@ -41,7 +45,8 @@ from comfyui_silo.operators.charts import bar_chart
 from comfyui_silo.operators.fidelity import GOOD_GAP
 from comfyui_silo.operators.training import train_operator
 
-__all__ = ["DEGRADATION_PRESETS", "load_images", "preset_spec", "run", "split_by_template", "table_lines"]
+__all__ = ["DEGRADATION_PRESETS", "autoencoder_bounds", "bounds_lines", "load_images", "preset_spec", "run",
+           "split_by_template", "table_lines"]
 
 #: Named degradations at a crop of ``c`` pixels (the papers' settings; inpainting boxes scaled from 512 px images).
 DEGRADATION_PRESETS: dict[str, Callable[[int], dict]] = {
@@ -147,6 +152,50 @@ def run(ae: Autoencoder, train_images: list, heldout_images: list, degradations:
     return rows
 
 
+def autoencoder_bounds(ae: Autoencoder, heldout_images: list, degradations: Sequence[str], *, crop: int = 256,
+                       batch: int = 8) -> list[dict]:
+    """How far any operator can go in ``ae``'s latent space, per degradation, on one centre crop of every held-out
+    picture (mean of per-picture PSNR, dB, against A x): the floor D(E(A x)), identity D(E x), the best pixel-space
+    guess from the latent A(D(E x)) before re-encoding, and the "oracle" operator D(E(A(D(E x)))) (the autoencoder
+    itself in the loop) with its share of the identity → floor gap. No training."""
+    from comfyui_silo.operators.degradations import build_degradation
+    from comfyui_silo.operators.training import center_crops
+
+    x = center_crops(heldout_images, crop)
+
+    def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+        mse = (a - b).pow(2).flatten(1).mean(1).clamp(min=1e-12)
+        return float((10 * torch.log10(1.0 / mse)).mean())
+
+    def through(fn, t: torch.Tensor) -> torch.Tensor:
+        return torch.cat([fn(t[i:i + batch]) for i in range(0, len(t), batch)])
+
+    rows = []
+    with torch.no_grad():
+        recon = through(lambda t: ae.decode(ae.encode(t)), x)
+        for name in degradations:
+            deg = build_degradation(preset_spec(name, crop))
+            degrade = lambda t, deg=deg: deg.lift(deg(t), size=t.shape[-2:]).clamp(0.0, 1.0)  # noqa: E731
+            ax, guess = degrade(x), degrade(recon)
+            floor, identity = psnr(through(lambda t: ae.decode(ae.encode(t)), ax), ax), psnr(recon, ax)
+            oracle = psnr(through(lambda t: ae.decode(ae.encode(t)), guess), ax)
+            span = floor - identity
+            rows.append({"degradation": name, "floor": floor, "identity": identity, "guess": psnr(guess, ax),
+                         "oracle": oracle, "oracle_gap": (oracle - identity) / span if span > 0 else None})
+    return rows
+
+
+def bounds_lines(rows: Sequence[dict], facts: str) -> list[str]:
+    """The markdown table of :func:`autoencoder_bounds`."""
+    lines = [facts, "", "| degradation | floor D(E(A x)) | identity D(E x) | A(D(E x)) vs A x, before re-encoding | "
+             "oracle D(E(A(D(E x)))) | oracle's share of the gap |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        share = "–" if r["oracle_gap"] is None else f"{r['oracle_gap']:.0%}"
+        lines.append(f"| {r['degradation']} | {r['floor']:.2f} | {r['identity']:.2f} | {r['guess']:.2f} | "
+                     f"{r['oracle']:.2f} | {share} |")
+    return lines
+
+
 def table_lines(rows: Sequence[dict], title: str, facts: str) -> list[str]:
     """The markdown table of :func:`run`'s rows."""
     lines = [f"### {title}", "", facts, "",
@@ -227,6 +276,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", default="benchmarks/_out/quality")
     p.add_argument("--markdown", default=None, help="append the table to this markdown file")
+    p.add_argument("--bounds", action="store_true",
+                   help="no training: how far any operator can go in this latent space (the autoencoder's floor, "
+                        "identity, A(D(E x)) and the autoencoder itself in the loop) on the held-out crops")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -241,6 +293,12 @@ def main(argv=None) -> int:
     ae = _autoencoder(args)
     sep = ";" if args.degradations.lstrip().startswith("{") else ","
     names = [d.strip() for d in args.degradations.split(sep) if d.strip()]
+    if args.bounds:
+        facts = (f"{ae.name} ({ae.latent_channels} channels, {ae.downscale}x, autoencoder float32); {len(held_paths)} "
+                 f"held-out images, crops {args.crop_size} px; mean of per-picture PSNR (dB) against A x")
+        emit(bounds_lines(autoencoder_bounds(ae, load_images(held_paths), names, crop=args.crop_size), facts),
+             args.markdown)
+        return 0
     settings = {"autoencoder_precision": args.encode_dtype, **_settings(args.set, args.steps)}
     rows = run(ae, load_images(train_paths), load_images(held_paths), names, crop=args.crop_size,
                settings=settings, device=args.device)

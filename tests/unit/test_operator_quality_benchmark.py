@@ -67,3 +67,24 @@ def test_taesd_files_are_read_from_their_shapes_not_their_names(tmp_path):
     torch.save(autoencoders._decoder(32, False).state_dict(), tmp_path / "anything_decoder.pth")
     with pytest.raises(ValueError, match="different TAESD variants"):
         taesd_pair(tmp_path)
+
+
+def test_bounds_on_an_exact_autoencoder_and_a_random_one():
+    """``--bounds``: with an exactly invertible autoencoder (pixel unshuffle) the floor, A(D(E x)) and the oracle are
+    all perfect and identity is not; with a random TAESD the numbers are finite and the table has one row each."""
+    from types import SimpleNamespace
+
+    from benchmarks.operator_quality import autoencoder_bounds, bounds_lines
+
+    g = torch.Generator().manual_seed(0)
+    held = [torch.rand(3, 40, 40, generator=g) for _ in range(2)]
+    exact = SimpleNamespace(encode=lambda x: torch.nn.functional.pixel_unshuffle(x, 8),
+                            decode=lambda z: torch.nn.functional.pixel_shuffle(z, 8))
+    rows = autoencoder_bounds(exact, held, ["blur", "jpeg"], crop=32)
+    for r in rows:
+        assert r["floor"] > 100 and r["guess"] > 100 and r["oracle"] > 100 and r["identity"] < 60, r
+        assert r["oracle_gap"] == pytest.approx(1.0, abs=1e-6)
+    noisy = autoencoder_bounds(random_taesd(latent_channels=4), held, ["sr4"], crop=32)
+    assert all(torch.isfinite(torch.tensor([r["floor"], r["identity"], r["guess"], r["oracle"]])).all() for r in noisy)
+    lines = bounds_lines(rows, "facts")
+    assert len(lines) == 4 + len(rows) and lines[-1].startswith("| jpeg | ")
