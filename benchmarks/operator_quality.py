@@ -167,18 +167,17 @@ def autoencoder_bounds(ae: Autoencoder, heldout_images: list, degradations: Sequ
         mse = (a - b).pow(2).flatten(1).mean(1).clamp(min=1e-12)
         return float((10 * torch.log10(1.0 / mse)).mean())
 
-    def through(fn, t: torch.Tensor) -> torch.Tensor:
-        return torch.cat([fn(t[i:i + batch]) for i in range(0, len(t), batch)])
+    def roundtrip(t: torch.Tensor) -> torch.Tensor:  # D(E(t)), a few crops at a time
+        return torch.cat([ae.decode(ae.encode(t[i:i + batch])) for i in range(0, len(t), batch)])
 
     rows = []
     with torch.no_grad():
-        recon = through(lambda t: ae.decode(ae.encode(t)), x)
+        recon = roundtrip(x)
         for name in degradations:
             deg = build_degradation(preset_spec(name, crop))
             degrade = lambda t, deg=deg: deg.lift(deg(t), size=t.shape[-2:]).clamp(0.0, 1.0)  # noqa: E731
             ax, guess = degrade(x), degrade(recon)
-            floor, identity = psnr(through(lambda t: ae.decode(ae.encode(t)), ax), ax), psnr(recon, ax)
-            oracle = psnr(through(lambda t: ae.decode(ae.encode(t)), guess), ax)
+            floor, identity, oracle = psnr(roundtrip(ax), ax), psnr(recon, ax), psnr(roundtrip(guess), ax)
             span = floor - identity
             rows.append({"degradation": name, "floor": floor, "identity": identity, "guess": psnr(guess, ax),
                          "oracle": oracle, "oracle_gap": (oracle - identity) / span if span > 0 else None})

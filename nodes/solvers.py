@@ -26,7 +26,7 @@ from ..operators.degradations import spec_mismatch
 from ..operators.fidelity import stored_mse, stored_verdict
 from ..operators.io import latent_format_compatible
 from ..operators.physics import LATENT_CLAMP, Measurement
-from ..samplers.core import GuidanceSettings
+from ..samplers.core import GuidanceSettings, partial_of
 from ..samplers.latent_dps import LatentDPSSettings, sample_latent_dps
 from ..samplers.resample import ReSampleSettings, sample_resample
 from ..samplers.silo import SiloSettings, sample_silo
@@ -120,7 +120,7 @@ def _operator_options(node: str, x: torch.Tensor, meas: Measurement, op, model_p
 
     return {"measurement": w.to(x.dtype), "operator": operator,
             "noise_floor": latent_floor(model_patcher, meas, w, getattr(op, "training", None) or {}),
-            "partial_measurement": meas.partial}
+            "partial_measurement": partial_of(meas.degradation)}
 
 
 def latent_floor(model_patcher, meas: Measurement, w: torch.Tensor, training: dict) -> torch.Tensor | None:

@@ -195,12 +195,6 @@ class Measurement:
             lifted = lifted * (1.0 - self.pixel_mask.to(device=lifted.device, dtype=lifted.dtype))
         return lifted
 
-    @property
-    def partial(self) -> bool:
-        """Whether the photo is a measurement of part of the image only: fewer values than the image
-        (super-resolution) or missing pixels (inpainting)."""
-        return not self.degradation.same_size or self.degradation.is_inpainting
-
     def pixel_floor(self) -> torch.Tensor:
         """``[B]``: the expected ``|| y - A(x) ||`` at the true image, ``floor_sigma * sqrt(measured values)`` (the
         pixel-space solvers' noise floor; masked pixels are not measured)."""

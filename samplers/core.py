@@ -42,12 +42,11 @@ except ImportError:  # pragma: no cover - tqdm ships with ComfyUI
     _trange = None
 
 __all__ = ["ETA_MODES", "ETA_SCHEDULES", "GRADIENT_MODES", "AutoState", "DivergenceWatch", "Guidance",
-           "GuidanceDivergenceWarning",
-           "GuidanceSettings", "MeasurementLoss", "Needs", "NonFiniteStateError", "Progress", "Solver", "StepState",
-           "auto_eta", "auto_target", "batch_compatible", "divergence_text", "early_stop_field", "eta_field",
-           "eta_function", "eta_mode_field", "eta_schedule_field", "grad_clamp_field", "gradient_field",
-           "guided_sample", "normal_tensor", "partial_of", "per_batch_l2", "per_batch_mse", "require_callables", "resolve_settings",
-           "split_options", "update_field"]
+           "GuidanceDivergenceWarning", "GuidanceSettings", "MeasurementLoss", "Needs", "NonFiniteStateError", "Progress",
+           "Solver", "StepState", "auto_eta", "auto_target", "batch_compatible", "divergence_text", "early_stop_field",
+           "eta_field", "eta_function", "eta_mode_field", "eta_schedule_field", "grad_clamp_field", "gradient_field",
+           "guided_sample", "normal_tensor", "partial_of", "per_batch_l2", "per_batch_mse", "require_callables",
+           "resolve_settings", "split_options", "update_field"]
 
 GRADIENT_MODES = ("unet", "x0")
 ETA_MODES = ("fixed", "auto")

@@ -43,7 +43,6 @@ SEED_POLICIES = ("workflow", "per-photo")
 PROGRESS_EVERY = 30.0  # seconds between the per-worker lines
 
 
-
 @dataclass
 class Photo:
     """A photo of the batch: where it is, the name shown for it, the stem of its outputs, its content hash."""

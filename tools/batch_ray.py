@@ -102,7 +102,6 @@ class RayEngine:
 
     def start(self, todo: int) -> list[dict]:
         """Start the actors and wait until each has loaded the host; returns what each says about itself."""
-
         try:
             self._connect()
             n, gpus = self._size(todo)
@@ -125,7 +124,6 @@ class RayEngine:
         return infos
 
     def _wait_ready(self) -> list[dict]:
-
         pending = {a.ready.remote(): a for a in self.actors}
         infos, started, last_line = [], time.monotonic(), time.monotonic()
         while pending:

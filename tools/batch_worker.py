@@ -54,6 +54,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 class BatchError(RuntimeError):
     """The batch cannot start (no photos, an unusable workflow, no Ray); the message is one line for a person."""
 
+
 #: the subfolder of the host's input folder where photos wait for their run
 STAGING_FOLDER = "comfyui-silo-batch"
 #: errors of a kind that may not come back on a second try (a worker that died, memory): a rerun retries them

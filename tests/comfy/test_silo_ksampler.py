@@ -314,8 +314,8 @@ def test_auto_eta_on_the_node_shows_the_floor_and_the_eta_path(comfy_host, sd15_
     assert "noise floor" in text and "η auto: first" in text
     assert all(e["eta"] <= 20.0 for e in trace)  # η is the ceiling in auto
     # a blur measures the whole image: the glue says so, and the target follows the floor path
-    from comfyui_silo.samplers.core import AUTO_END, get_parameterization
+    from comfyui_silo.samplers.core import AUTO_END, get_parameterization, partial_of
 
-    assert meas.partial is False
+    assert partial_of(meas.degradation) is False
     s0 = get_parameterization("vp").ve_sigma(trace[0]["sigma"])
     assert trace[0]["target"] == [pytest.approx(float(floor[0]) * math.hypot(AUTO_END, s0), rel=1e-4)]
